@@ -1,0 +1,217 @@
+"""Configuration: the TOML file, its validation and the frozen Config.
+
+Owns: every setting's name, type, default and range; finding the file
+(--config or $GREENMAIL_CONFIG); resolving relative paths against the file's
+directory. Nothing else in greenmail reads settings from anywhere.
+Must not touch: the spool, sockets, gevent.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from greenmail.errors import ConfigError
+
+ENV_VAR = "GREENMAIL_CONFIG"
+DEFAULT_PATHS = (Path("/etc/greenmail/greenmail.toml"),)
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: Path
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    host: str = "127.0.0.1"
+    port: int = 25
+    helo: str | None = None  # None: this host's FQDN, resolved by the daemon
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    max_connections: int = 10
+    check_interval: float = 60
+    connect_tries: int = 3
+    shutdown_grace: float = 30
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    min_backoff: float = 300
+    max_backoff: float = 4000
+    max_lifetime: float = 432000
+    bounce: bool = True
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 30
+    banner: float = 300
+    command: float = 300
+    data_init: float = 120
+    data_block: float = 180
+    data_end: float = 600
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9465"
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, or None when disabled."""
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class Config:
+    spool: SpoolConfig
+    relay: RelayConfig
+    delivery: DeliveryConfig
+    retry: RetryConfig
+    timeouts: Timeouts
+    metrics: MetricsConfig
+    source: Path | None = None
+
+
+Check = Callable[[Any], str | None]  # returns a complaint, or None when fine
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_range(lo: int, hi: int) -> Check:
+    def check(v: Any) -> str | None:
+        if not _is_int(v) or not lo <= v <= hi:
+            return f"expected an integer from {lo} to {hi}"
+        return None
+
+    return check
+
+
+def _duration(v: Any) -> str | None:
+    if not (_is_int(v) or isinstance(v, float)) or v < 0 or v != v or v == float("inf"):
+        return "expected a non-negative number of seconds"
+    return None
+
+
+def _positive_duration(v: Any) -> str | None:
+    if _duration(v) or v == 0:
+        return "expected a positive number of seconds"
+    return None
+
+
+def _text(v: Any) -> str | None:
+    if not isinstance(v, str) or not v.strip() or any(c.isspace() or ord(c) < 32 for c in v):
+        return "expected a non-empty string without whitespace"
+    return None
+
+
+def _boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "expected true or false"
+
+
+def _listen(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return 'expected "HOST:PORT" or ""'
+    if v == "":
+        return None
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return 'expected "HOST:PORT" (port 1-65535) or "" to disable'
+    return None
+
+
+SCHEMA: dict[str, dict[str, Check]] = {
+    "spool": {"path": _text},
+    "relay": {"host": _text, "port": _int_range(1, 65535), "helo": _text},
+    "delivery": {
+        "max_connections": _int_range(1, 100000),
+        "check_interval": _positive_duration,
+        "connect_tries": _int_range(1, 1000),
+        "shutdown_grace": _duration,
+    },
+    "retry": {
+        "min_backoff": _duration,
+        "max_backoff": _duration,
+        "max_lifetime": _duration,
+        "bounce": _boolean,
+    },
+    "timeouts": {k: _positive_duration for k in Timeouts.__dataclass_fields__},
+    "metrics": {"listen": _listen},
+}
+
+
+def find(path: str | os.PathLike[str] | None) -> Path:
+    """The config file to use: the argument, $GREENMAIL_CONFIG, or the system default."""
+    if path:
+        return Path(path)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    for candidate in DEFAULT_PATHS:
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"no configuration: pass --config PATH or set ${ENV_VAR}")
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read, validate and freeze the configuration; ConfigError names the bad key."""
+    file = find(path)
+    try:
+        with open(file, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read configuration: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{file}: invalid TOML: {e}") from None
+    return from_dict(raw, base=file.resolve().parent, source=file)
+
+
+def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Config:
+    """Validate a parsed TOML document; relative paths resolve against ``base``."""
+    sections = _validate(raw)
+    spool = sections.pop("spool", {})
+    path = Path(spool.get("path", "var/spool"))
+    return Config(
+        spool=SpoolConfig(path=path if path.is_absolute() else base / path),
+        relay=RelayConfig(**sections.get("relay", {})),
+        delivery=DeliveryConfig(**sections.get("delivery", {})),
+        retry=RetryConfig(**sections.get("retry", {})),
+        timeouts=Timeouts(**sections.get("timeouts", {})),
+        metrics=MetricsConfig(**sections.get("metrics", {})),
+        source=source,
+    )
+
+
+def _validate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"unknown configuration section [{section}]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a table [{section}]")
+        for key, value in values.items():
+            check = SCHEMA[section].get(key)
+            if check is None:
+                raise ConfigError(f"unknown configuration key {section}.{key}")
+            complaint = check(value)
+            if complaint:
+                raise ConfigError(f"{section}.{key}: {complaint}, got {value!r}")
+        out[section] = dict(values)
+    retry = out.get("retry", {})
+    lo = retry.get("min_backoff", RetryConfig.min_backoff)
+    hi = retry.get("max_backoff", RetryConfig.max_backoff)
+    if lo > hi:
+        raise ConfigError(f"retry.max_backoff: must be >= retry.min_backoff ({lo}), got {hi}")
+    return out

@@ -1,0 +1,366 @@
+"""The maildir-style spool: its directories and every rename in it.
+
+Owns: enqueue (O_EXCL create in tmp/, write, fsync, rename into outgoing/,
+fsync the directory), scan, claim (rename into outgoing_active/; losing the
+race returns None), done, requeue, fail, quarantine, recovery of claims left
+by dead daemons, and the owner lock that tells live daemons from dead ones.
+Everything here is plain blocking file I/O: the daemon calls it through the
+hub's threadpool.
+Must not touch: gevent, SMTP codes, metrics, configuration files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from greenmail import address
+from greenmail.errors import CorruptQueueFile, EnqueueError, GreenmailError
+from greenmail.queuefile import (
+    HOST,
+    Entry,
+    Envelope,
+    State,
+    added_headers,
+    envelope_lines,
+    format_name,
+    new_id,
+    parse_name,
+    read_envelope,
+)
+
+log = logging.getLogger("greenmail.spool")
+
+TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, META, OWNERS = (
+    "tmp",
+    "outgoing",
+    "outgoing_active",
+    "failed",
+    "corrupt",
+    "meta",
+    "owners",
+)
+DIRS = (TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, META, OWNERS)
+CHUNK = 64 * 1024
+STALE_TMP = 86400
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Claim:
+    """A message this process has renamed into outgoing_active/ and must settle."""
+
+    entry: Entry
+    path: Path
+    envelope: Envelope
+    state: State
+    size: int  # message bytes, without the envelope lines
+    queued_at: float
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    def open_body(self) -> BinaryIO:
+        f = open(self.path, "rb")  # noqa: SIM115 - the session closes it
+        f.seek(self.envelope.body_offset)
+        return f
+
+
+class Spool:
+    """One spool directory. ``owner`` names this daemon in its claims."""
+
+    def __init__(self, path: Path | str, owner: str | None = None) -> None:
+        self.path = Path(path)
+        self.owner = owner or new_owner()
+        self._lock_fd: int | None = None
+
+    def dir(self, name: str) -> Path:
+        return self.path / name
+
+    def ensure(self) -> None:
+        """Create the spool directories (mode 0700) where missing."""
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for d in DIRS:
+                (self.path / d).mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise GreenmailError(f"spool {self.path}: cannot create: {e.strerror}") from None
+
+    # -- enqueue ---------------------------------------------------------------
+
+    def enqueue(self, sender: str, recipients: list[str] | tuple[str, ...], message: bytes | BinaryIO) -> str:
+        """Write one message durably into outgoing/ and return its queue id."""
+        sender = address.check(sender, null_ok=True)
+        rcpts = [address.check(r) for r in recipients]
+        if not rcpts:
+            raise EnqueueError("no recipients")
+        stream = _Reader(message)
+        head = stream.head()
+        if not head:
+            raise EnqueueError("empty message")
+        qid, fd, tmp = self._create_tmp()
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(envelope_lines(sender, rcpts))
+                f.write(added_headers(head, qid))
+                for chunk in stream.chunks():
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.dir(OUTGOING) / qid)
+            fsync_dir(self.dir(OUTGOING))
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise EnqueueError(f"spool {self.path}: cannot write: {e.strerror}") from None
+            raise
+        return qid
+
+    def _create_tmp(self) -> tuple[str, int, Path]:
+        for _ in range(100):
+            qid = new_id()
+            tmp = self.dir(TMP) / qid
+            try:
+                return qid, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise EnqueueError(f"spool {self.path}: cannot write: {e.strerror}") from None
+        raise EnqueueError("cannot find a free queue id")
+
+    # -- the delivery side -----------------------------------------------------
+
+    def scan(self) -> list[Entry]:
+        """Every message waiting in outgoing/ (names only: no file is opened).
+
+        A file whose name is not a queue id (dropped in by another program)
+        is renamed to a fresh id first; dot-files are left alone.
+        """
+        out = []
+        with os.scandir(self.dir(OUTGOING)) as it:
+            for de in it:
+                if de.name.startswith("."):
+                    continue
+                entry = parse_name(de.name) or self._adopt(de.name)
+                if entry is not None:
+                    out.append(entry)
+        return out
+
+    def _adopt(self, name: str) -> Entry | None:
+        qid = new_id()
+        try:
+            os.rename(self.dir(OUTGOING) / name, self.dir(OUTGOING) / qid)
+        except FileNotFoundError:
+            return None
+        log.info("%s: adopted file %r dropped into outgoing/", qid, name)
+        return Entry(qid, qid)
+
+    def claim(self, entry: Entry) -> Claim | None:
+        """Take a message for delivery; None when someone else took it first.
+
+        Raises CorruptQueueFile after moving an unreadable file to corrupt/.
+        """
+        path = self.dir(ACTIVE) / f"{entry.name}@{self.owner}"
+        try:
+            os.rename(self.dir(OUTGOING) / entry.name, path)
+        except FileNotFoundError:
+            return None
+        try:
+            return self._open_claim(entry, path)
+        except CorruptQueueFile as e:
+            os.rename(path, self.dir(CORRUPT) / entry.name)
+            self._write_state(entry.id, State(last_error=f"corrupt: {e}"))
+            raise CorruptQueueFile(f"{entry.id}: moved to corrupt/: {e}") from None
+
+    def _open_claim(self, entry: Entry, path: Path) -> Claim:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as e:
+            raise CorruptQueueFile(f"cannot open: {e.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not os.path.stat.S_ISREG(st.st_mode):
+                raise CorruptQueueFile("not a regular file")
+            env = read_envelope(f)
+        return Claim(entry, path, env, self.read_state(entry.id), st.st_size - env.body_offset, st.st_mtime)
+
+    def read_state(self, qid: str) -> State:
+        try:
+            return State.from_bytes((self.dir(META) / f"{qid}.json").read_bytes())
+        except FileNotFoundError:
+            return State()
+
+    def _write_state(self, qid: str, state: State) -> None:
+        tmp = self.dir(TMP) / f".meta.{qid}.{secrets.token_hex(4)}"
+        with open(tmp, "wb") as f:
+            f.write(state.to_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.dir(META) / f"{qid}.json")
+        fsync_dir(self.dir(META))
+
+    def _drop_state(self, qid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.dir(META) / f"{qid}.json")
+
+    def done(self, claim: Claim) -> None:
+        """The message needs nothing more: remove it, then its state."""
+        os.unlink(claim.path)
+        fsync_dir(self.dir(ACTIVE))
+        self._drop_state(claim.id)
+
+    def requeue(self, claim: Claim, next_at: int, *, attempt: bool = True, state: bool = True) -> Entry:
+        """Put a claimed message back into outgoing/, due at ``next_at``.
+
+        ``attempt`` counts this as a delivery attempt; ``state`` saves the
+        claim's State (accepted recipients, last error) first.
+        """
+        if state:
+            self._write_state(claim.id, claim.state)
+        e = claim.entry
+        new = e.renamed(e.attempts + (1 if attempt else 0), next_at)
+        os.rename(claim.path, self.dir(OUTGOING) / new.name)
+        fsync_dir(self.dir(OUTGOING))
+        return new
+
+    def fail(self, claim: Claim) -> None:
+        """Move a message whose recipients are all settled, some failed, to failed/."""
+        self._write_state(claim.id, claim.state)
+        e = claim.entry
+        os.rename(claim.path, self.dir(FAILED) / format_name(e.id, e.attempts + 1, 0))
+        fsync_dir(self.dir(FAILED))
+
+    # -- owners and recovery ---------------------------------------------------
+
+    def lock_owner(self) -> None:
+        """Announce this daemon: an flock'd file in owners/, held until exit.
+
+        The file is locked under a temporary name and renamed into place, so
+        no other daemon can see it unlocked and take it for a dead one.
+        """
+        tmp = self.dir(OWNERS) / f".{self.owner}.lock"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.rename(tmp, self.dir(OWNERS) / f"{self.owner}.lock")
+        self._lock_fd = fd
+
+    def unlock_owner(self) -> None:
+        if self._lock_fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.dir(OWNERS) / f"{self.owner}.lock")
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def recover(self) -> int:
+        """Return claims of dead daemons to outgoing/; a live daemon's are left alone."""
+        alive: dict[str, bool] = {}
+        moved = 0
+        with os.scandir(self.dir(ACTIVE)) as it:
+            names = [de.name for de in it]
+        for name in names:
+            base, at, owner = name.rpartition("@")
+            if not at or owner == self.owner:
+                continue
+            if owner not in alive:
+                alive[owner] = self._owner_alive(owner)
+            if alive[owner]:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.dir(ACTIVE) / name, self.dir(OUTGOING) / base)
+                moved += 1
+                log.info("%s: claim of dead daemon %s returned to outgoing/", base.split(",")[0], owner)
+        for owner, live in alive.items():
+            if not live:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.dir(OWNERS) / f"{owner}.lock")
+        if moved:
+            fsync_dir(self.dir(OUTGOING))
+        return moved
+
+    def _owner_alive(self, owner: str) -> bool:
+        try:
+            fd = os.open(self.dir(OWNERS) / f"{owner}.lock", os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def clean_tmp(self, max_age: float = STALE_TMP) -> int:
+        """Remove files in tmp/ older than ``max_age`` (writers that died)."""
+        removed = 0
+        limit = time.time() - max_age
+        with os.scandir(self.dir(TMP)) as it:
+            for de in it:
+                with contextlib.suppress(FileNotFoundError):
+                    if de.stat(follow_symlinks=False).st_mtime < limit:
+                        os.unlink(de.path)
+                        removed += 1
+        return removed
+
+    def outgoing_mtime(self) -> int:
+        return os.stat(self.dir(OUTGOING)).st_mtime_ns
+
+
+def new_owner() -> str:
+    """This daemon's name in claims: host, pid and a random part."""
+    return f"{HOST}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+class _Reader:
+    """A message source (bytes or a binary stream) read in chunks, head first."""
+
+    def __init__(self, source: bytes | BinaryIO) -> None:
+        self._bytes = source if isinstance(source, bytes | bytearray | memoryview) else None
+        self._stream = None if self._bytes is not None else source
+        self._head = b""
+
+    def head(self) -> bytes:
+        if self._bytes is not None:
+            self._head = bytes(self._bytes[: 256 * 1024])
+            return self._head
+        assert self._stream is not None
+        parts = []
+        size = 0
+        while size < 256 * 1024:
+            chunk = self._stream.read(CHUNK)
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+            if b"\n\n" in chunk or b"\n\r\n" in chunk:
+                break
+        self._head = b"".join(parts)
+        return self._head
+
+    def chunks(self) -> Iterator[bytes]:
+        if self._bytes is not None:
+            yield bytes(self._bytes)
+            return
+        yield self._head
+        assert self._stream is not None
+        while chunk := self._stream.read(CHUNK):
+            yield chunk

@@ -1,0 +1,208 @@
+"""Pure SMTP codecs: replies, commands and the DATA body.
+
+Owns: the Reply model, an incremental reply parser with size caps, command
+encoding that refuses CR/LF/NUL, a streaming dot-stuffer that normalises line
+endings, and the matching un-stuffer (used by the sink and the tests).
+Must not touch: sockets, files, clocks, logging, metrics, gevent.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from greenmail.errors import CommandError, ProtocolError
+
+MAX_LINE = 4096  # longest reply line accepted (RFC 5321 asks for 512)
+MAX_LINES = 200  # most lines in one multi-line reply
+MAX_REPLY = 64 * 1024  # most bytes in one reply
+
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]?)(.*)\Z", re.DOTALL)
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
+_FORBIDDEN = re.compile(r"[\r\n\x00]")
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply: the 3-digit code and its text lines."""
+
+    code: int
+    lines: tuple[str, ...] = ("",)
+
+    @property
+    def cls(self) -> int:
+        """The reply class: 2, 3, 4 or 5."""
+        return self.code // 100
+
+    @property
+    def text(self) -> str:
+        return " ".join(line for line in self.lines if line)
+
+    @property
+    def enhanced(self) -> str | None:
+        """The RFC 3463 enhanced status code at the start of the text, if any."""
+        m = _ENHANCED.match(self.lines[0])
+        return m.group(1) if m else None
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".rstrip()
+
+
+class ReplyParser:
+    """Turns received bytes into Replies; keeps any surplus for the next one.
+
+    Raises ProtocolError for a malformed line, a line over MAX_LINE, a reply
+    of more than MAX_LINES lines or MAX_REPLY bytes, or a code that changes
+    inside a multi-line reply.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._lines: list[str] = []
+        self._code = 0
+        self._size = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        if b"\n" not in self._buf and len(self._buf) > MAX_LINE:
+            raise ProtocolError(f"reply line longer than {MAX_LINE} bytes")
+
+    def next_reply(self) -> Reply | None:
+        """Return the next complete reply, or None until more bytes arrive."""
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl < 0:
+                return None
+            if nl > MAX_LINE:
+                raise ProtocolError(f"reply line longer than {MAX_LINE} bytes")
+            raw = bytes(self._buf[:nl]).rstrip(b"\r")
+            del self._buf[: nl + 1]
+            reply = self._line(raw, nl + 1)
+            if reply is not None:
+                return reply
+
+    def _line(self, raw: bytes, size: int) -> Reply | None:
+        m = _REPLY_LINE.match(raw)
+        if m is None:
+            raise ProtocolError(f"malformed reply line {raw[:80]!r}")
+        code = int(m.group(1))
+        if self._lines and code != self._code:
+            raise ProtocolError(f"reply code changed from {self._code} to {code}")
+        self._code = code
+        self._size += size
+        self._lines.append(m.group(3).decode("utf-8", "replace"))
+        if len(self._lines) > MAX_LINES or self._size > MAX_REPLY:
+            raise ProtocolError("reply too long")
+        if m.group(2) == b"-":
+            return None
+        reply = Reply(code, tuple(self._lines))
+        self._lines, self._code, self._size = [], 0, 0
+        return reply
+
+    @property
+    def pending(self) -> bool:
+        """True when bytes of an unfinished reply are buffered."""
+        return bool(self._buf or self._lines)
+
+
+def command(verb: str, arg: str | None = None) -> bytes:
+    """Encode one SMTP command line; refuses CR, LF and NUL anywhere in it."""
+    line = verb if arg is None else f"{verb} {arg}"
+    if _FORBIDDEN.search(line):
+        raise CommandError(f"refusing to send {verb} with CR, LF or NUL in it")
+    return line.encode("utf-8") + b"\r\n"
+
+
+def mail_from(sender: str) -> bytes:
+    return command("MAIL", f"FROM:<{sender}>")
+
+
+def rcpt_to(recipient: str) -> bytes:
+    return command("RCPT", f"TO:<{recipient}>")
+
+
+class DotStuffer:
+    """Streams a message body onto the wire for DATA.
+
+    Bare CR, bare LF and CRLF all become CRLF; a line starting with "." gets
+    another "."; state is kept across chunks, so any chunking of the input
+    gives the same output. ``finish()`` ends the last line and adds ".".
+    """
+
+    def __init__(self) -> None:
+        self._line_start = True
+        self._held_cr = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._held_cr:
+            chunk = b"\r" + chunk
+            self._held_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._held_cr = True
+        if not chunk:
+            return b""
+        out = _EOL.sub(b"\r\n", chunk).replace(b"\r\n.", b"\r\n..")
+        if self._line_start and out.startswith(b"."):
+            out = b"." + out
+        self._line_start = out.endswith(b"\r\n")
+        return out
+
+    def finish(self) -> bytes:
+        tail = b""
+        if self._held_cr:
+            self._held_cr = False
+            self._line_start = True
+            tail = b"\r\n"
+        if not self._line_start:
+            tail += b"\r\n"
+            self._line_start = True
+        return tail + b".\r\n"
+
+
+def stuff(data: bytes) -> bytes:
+    """Dot-stuff a whole body at once (tests and small messages)."""
+    s = DotStuffer()
+    return s.feed(data) + s.finish()
+
+
+def normalise(data: bytes) -> bytes:
+    """What arrives at the far end for ``data``: CRLF line endings, last line ended."""
+    out = _EOL.sub(b"\r\n", data)
+    if out and not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return out
+
+
+class DotUnstuffer:
+    """Receiving side of DATA: feed wire lines, collect the message until ".".
+
+    ``feed_line`` takes one line including its CRLF and returns True once the
+    terminating "." line has been seen.
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def feed_line(self, line: bytes) -> bool:
+        if line in (b".\r\n", b".\n"):
+            return True
+        if line.startswith(b"."):
+            line = line[1:]
+        self.parts.append(line)
+        self.size += len(line)
+        return False
+
+    def data(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def unstuff(wire: bytes) -> bytes:
+    """Inverse of ``stuff`` for a complete DATA payload ending in CRLF.CRLF."""
+    u = DotUnstuffer()
+    for line in wire.splitlines(keepends=True):
+        if u.feed_line(line):
+            return u.data()
+    raise ProtocolError("DATA payload has no terminating dot line")
