@@ -35,6 +35,14 @@ def new_id() -> str:
     return f"{time.time_ns() // 1000:013X}{os.getpid() & 0xFFFFF:05X}{secrets.token_hex(3).upper()}"
 
 
+_OWN_ID = re.compile(r"[0-9A-F]{24}")
+
+
+def id_time(qid: str) -> float | None:
+    """The enqueue time written into one of our own ids; None for others."""
+    return int(qid[:13], 16) / 1e6 if _OWN_ID.fullmatch(qid) else None
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """A message waiting in outgoing/ as its file name describes it."""

@@ -71,6 +71,7 @@ class Claim:
     state: State
     size: int  # message bytes, without the envelope lines
     queued_at: float
+    settled: bool = False  # done, requeued or failed: nothing more may happen to it
 
     @property
     def id(self) -> str:
@@ -147,20 +148,20 @@ class Spool:
 
     # -- the delivery side -----------------------------------------------------
 
-    def scan(self) -> list[Entry]:
-        """Every message waiting in outgoing/ (names only: no file is opened).
+    def scan(self, skip: frozenset[str] = frozenset()) -> list[Entry]:
+        """Every message waiting in outgoing/ whose name is not in ``skip``.
 
-        A file whose name is not a queue id (dropped in by another program)
-        is renamed to a fresh id first; dot-files are left alone.
+        Names only: no file is opened. A file whose name is not a queue id
+        (dropped in by another program) is renamed to a fresh id first;
+        dot-files are left alone (writers may use them as temporaries).
         """
         out = []
-        with os.scandir(self.dir(OUTGOING)) as it:
-            for de in it:
-                if de.name.startswith("."):
-                    continue
-                entry = parse_name(de.name) or self._adopt(de.name)
-                if entry is not None:
-                    out.append(entry)
+        for name in os.listdir(self.dir(OUTGOING)):
+            if name in skip or name.startswith("."):
+                continue
+            entry = parse_name(name) or self._adopt(name)
+            if entry is not None:
+                out.append(entry)
         return out
 
     def _adopt(self, name: str) -> Entry | None:
@@ -186,7 +187,7 @@ class Spool:
             return self._open_claim(entry, path)
         except CorruptQueueFile as e:
             os.rename(path, self.dir(CORRUPT) / entry.name)
-            self._write_state(entry.id, State(last_error=f"corrupt: {e}"))
+            self.write_state(entry.id, State(last_error=f"corrupt: {e}"))
             raise CorruptQueueFile(f"{entry.id}: moved to corrupt/: {e}") from None
 
     def _open_claim(self, entry: Entry, path: Path) -> Claim:
@@ -207,7 +208,7 @@ class Spool:
         except FileNotFoundError:
             return State()
 
-    def _write_state(self, qid: str, state: State) -> None:
+    def write_state(self, qid: str, state: State) -> None:
         tmp = self.dir(TMP) / f".meta.{qid}.{secrets.token_hex(4)}"
         with open(tmp, "wb") as f:
             f.write(state.to_bytes())
@@ -233,7 +234,7 @@ class Spool:
         claim's State (accepted recipients, last error) first.
         """
         if state:
-            self._write_state(claim.id, claim.state)
+            self.write_state(claim.id, claim.state)
         e = claim.entry
         new = e.renamed(e.attempts + (1 if attempt else 0), next_at)
         os.rename(claim.path, self.dir(OUTGOING) / new.name)
@@ -242,7 +243,7 @@ class Spool:
 
     def fail(self, claim: Claim) -> None:
         """Move a message whose recipients are all settled, some failed, to failed/."""
-        self._write_state(claim.id, claim.state)
+        self.write_state(claim.id, claim.state)
         e = claim.entry
         os.rename(claim.path, self.dir(FAILED) / format_name(e.id, e.attempts + 1, 0))
         fsync_dir(self.dir(FAILED))

@@ -1,0 +1,221 @@
+"""The ``greenmail`` command: run, enqueue, queue ..., sink.
+
+Owns: mapping options to calls and errors to one stderr line and an exit
+code (sysexits). Holds no logic; imports lazily so that ``greenmail
+enqueue`` starts fast (no gevent, no prometheus_client).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+if TYPE_CHECKING:
+    from greenmail.config import Config
+
+EX_USAGE, EX_DATAERR, EX_SOFTWARE, EX_CANTCREAT, EX_TEMPFAIL, EX_CONFIG = 64, 65, 70, 73, 75, 78
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    envvar="GREENMAIL_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="configuration file (default: $GREENMAIL_CONFIG, then /etc/greenmail/greenmail.toml)",
+)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"greenmail: {message}", err=True)
+    sys.exit(code)
+
+
+def load_config(path: str | None) -> Config:
+    from greenmail.config import load
+    from greenmail.errors import ConfigError
+
+    try:
+        return load(path)
+    except ConfigError as e:
+        fail(f"configuration error: {e}", EX_CONFIG)
+
+
+def open_spool(cfg: Config) -> Any:
+    from greenmail.errors import GreenmailError
+    from greenmail.spool import Spool
+
+    spool = Spool(cfg.spool.path)
+    try:
+        spool.ensure()
+    except GreenmailError as e:
+        fail(str(e), EX_CANTCREAT)
+    return spool
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s greenmail[%(process)d]: %(levelname)s %(message)s",
+    )
+
+
+@click.group()
+@click.version_option(package_name="greenmail")
+def main() -> None:
+    """greenmail: a mail delivery daemon that sends a spool to an SMTP relay."""
+
+
+@main.command()
+@config_option
+@click.option("--from", "sender", required=True, help="envelope sender; '<>' is the null sender")
+@click.option("--to", "recipients", required=True, multiple=True, help="envelope recipient (repeatable)")
+def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -> None:
+    """Read one message on stdin, spool it, print its queue id."""
+    from greenmail.errors import AddressError, EnqueueError
+
+    cfg = load_config(config_path)
+    spool = open_spool(cfg)
+    try:
+        qid = spool.enqueue(sender, recipients, sys.stdin.buffer)
+    except AddressError as e:
+        fail(f"invalid address: {e}", EX_USAGE)
+    except EnqueueError as e:
+        fail(str(e), EX_DATAERR if "empty" in str(e) else EX_CANTCREAT)
+    click.echo(qid)
+
+
+@main.command()
+@config_option
+@click.option("--once", is_flag=True, help="give every due message one attempt, then exit")
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def run(config_path: str | None, once: bool, verbose: bool) -> None:
+    """Run the delivery daemon in the foreground (logs to stderr)."""
+    cfg = load_config(config_path)
+    setup_logging(verbose)
+    from greenmail.daemon import Daemon
+    from greenmail.errors import GreenmailError
+
+    try:
+        code = Daemon(cfg, once=once).run()
+    except GreenmailError as e:
+        fail(str(e), EX_CANTCREAT)
+    except OSError as e:
+        fail(f"cannot start: {e}", EX_TEMPFAIL)
+    sys.exit(code)
+
+
+@main.group()
+def queue() -> None:
+    """Inspect and change the queue (safe while the daemon runs)."""
+
+
+def _queue_call(config_path: str | None, fn: Callable[..., Any], *args: Any) -> Any:
+    from greenmail.errors import MessageBusy, NotFound
+
+    spool = open_spool(load_config(config_path))
+    try:
+        return fn(spool, *args)
+    except NotFound as e:
+        fail(str(e), EX_DATAERR)
+    except MessageBusy as e:
+        fail(str(e), EX_TEMPFAIL)
+
+
+@queue.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="a JSON list instead of a table")
+def queue_list(config_path: str | None, as_json: bool) -> None:
+    """One entry per message: id, state, size, attempts, sender, recipients."""
+    from greenmail import admin
+
+    infos = _queue_call(config_path, admin.list_messages)
+    if as_json:
+        click.echo(json.dumps([i.as_json() for i in infos], indent=2))
+        return
+    for i in infos:
+        click.echo(f"{i.id:<26} {i.state:<9} {i.size:>9} {i.queued_at}  attempts={i.attempts}  <{i.sender}>")
+        for rcpt, st in i.recipient_states.items():
+            click.echo(f"{'':<26} {st:<9} <{rcpt}>")
+        if i.last_error:
+            click.echo(f"{'':<26} ({i.last_error})")
+    click.echo(f"-- {len(infos)} message{'s' if len(infos) != 1 else ''}")
+
+
+@queue.command("show")
+@config_option
+@click.argument("qid")
+def queue_show(config_path: str | None, qid: str) -> None:
+    """Envelope, state and the message."""
+    from greenmail import admin
+
+    info, path, offset = _queue_call(config_path, admin.message_path, qid)
+    for key, value in info.as_json().items():
+        click.echo(f"{key}: {value if not isinstance(value, list | dict) else json.dumps(value)}")
+    click.echo("")
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(65536):
+            sys.stdout.buffer.write(chunk)
+    sys.stdout.flush()
+
+
+@queue.command("delete")
+@config_option
+@click.argument("qid")
+def queue_delete(config_path: str | None, qid: str) -> None:
+    """Remove a message (not while it is being sent)."""
+    from greenmail import admin
+
+    _queue_call(config_path, admin.delete, qid)
+    click.echo(f"{qid}: deleted")
+
+
+@queue.command("retry")
+@config_option
+@click.argument("qid", required=False)
+@click.option("--all", "retry_all", is_flag=True, help="every deferred message")
+def queue_retry(config_path: str | None, qid: str | None, retry_all: bool) -> None:
+    """Make a deferred message (or --all) due now; a failed one is queued again."""
+    from greenmail import admin
+
+    if bool(qid) == retry_all:
+        fail("queue retry: give a queue id or --all", EX_USAGE)
+    if retry_all:
+        n = _queue_call(config_path, admin.retry_all)
+        click.echo(f"{n} message{'s' if n != 1 else ''} due now")
+    else:
+        changed = _queue_call(config_path, admin.retry, qid)
+        click.echo(f"{qid}: {'due now' if changed else 'already due'}")
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:2525", show_default=True, help="HOST:PORT to accept SMTP on")
+@click.option("--maildir", required=True, type=click.Path(file_okay=False), help="messages go to DIR/new/")
+def sink(listen: str, maildir: str) -> None:
+    """A development SMTP receiver that stores every message it accepts."""
+    setup_logging()
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        fail(f"--listen: expected HOST:PORT, got {listen!r}", EX_USAGE)
+    import gevent
+    from gevent.event import Event
+
+    from greenmail.sink import Sink
+
+    try:
+        server = Sink(maildir).serve(host.strip("[]"), int(port))
+    except OSError as e:
+        fail(f"sink: cannot listen on {listen}: {e.strerror or e}", EX_TEMPFAIL)
+    logging.getLogger("greenmail.sink").info("sink listening on %s, storing in %s/new", listen, maildir)
+    stop = Event()
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(sig, stop.set)
+    stop.wait()
+    server.stop(timeout=2)

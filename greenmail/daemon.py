@@ -1,0 +1,149 @@
+"""Composition root and lifecycle of ``greenmail run``.
+
+Owns: putting the pieces together, the owner lock, recovery of dead
+daemons' claims, the metrics HTTP server, the scheduler and wake-up
+greenlets (with a fatal handler: a silently dead scheduler is the worst
+failure a queue runner can have), signals, and the graceful stop: stop
+opening connections, let in-flight transactions finish within the grace
+period, put back whatever is unfinished, exit 0.
+Must not touch: SMTP details, file formats.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import gevent
+from gevent import GreenletExit
+from gevent.event import Event
+from gevent.pywsgi import WSGIServer
+
+from greenmail.config import Config
+from greenmail.metrics import Metrics, wsgi_app
+from greenmail.outbox import Outbox
+from greenmail.scheduler import Scheduler
+from greenmail.session import Session
+from greenmail.spool import Spool
+
+log = logging.getLogger("greenmail")
+
+
+def offload(fn: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+    """Run blocking file I/O in the hub's threadpool.
+
+    If the calling greenlet is killed while the thread works, the operation
+    is still waited for before the kill goes on: a rename whose outcome is
+    unknown would be worse than a late stop.
+    """
+    result = gevent.get_hub().threadpool.spawn(fn, *args, **(kwargs or {}))
+    try:
+        return result.get()
+    except GreenletExit:
+        result.get()
+        raise
+
+
+class Daemon:
+    def __init__(self, config: Config, once: bool = False) -> None:
+        self.cfg = config
+        self.once = once
+        self.metrics = Metrics(config.delivery.max_connections)
+        self.spool = Spool(config.spool.path)
+        self.outbox = Outbox(self.spool, config.retry, self.metrics, offload)
+        self.helo = config.relay.helo or socket.getfqdn()
+        self.scheduler = Scheduler(config, self.spool, self.outbox, self.metrics, self._new_session)
+        self.http: WSGIServer | None = None
+        self._stop = Event()
+        self._fatal: BaseException | None = None
+
+    def _new_session(self, on_greeted: Any) -> Any:
+        return Session(self.cfg, self.outbox, self.metrics, self.helo, on_greeted).run
+
+    def run(self) -> int:
+        """Run until stopped (or, with --once, until the pass is over); the exit code."""
+        self.spool.ensure()
+        offload(self.spool.lock_owner)
+        try:
+            moved = offload(self.spool.recover)
+            log.info(
+                "greenmail started: spool=%s relay=%s:%d max_connections=%d check_interval=%gs%s",
+                self.spool.path, self.cfg.relay.host, self.cfg.relay.port,
+                self.cfg.delivery.max_connections, self.cfg.delivery.check_interval,
+                f", {moved} claims of dead daemons returned" if moved else "",
+            )  # fmt: skip
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                gevent.signal_handler(sig, self._on_signal, sig)
+            if self.once:
+                self._run_once()
+            else:
+                self._start_http()
+                self._run_forever()
+            self._graceful_stop()
+        finally:
+            if self.http is not None:
+                self.http.stop(timeout=1)
+            offload(self.spool.unlock_owner)
+        if self._fatal is not None:
+            log.critical("greenmail stopped after a fatal error: %r", self._fatal)
+            return 1
+        log.info("greenmail stopped")
+        return 0
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("signal %s: stopping", signal.Signals(sig).name)
+        self._stop.set()
+
+    def _fatal_error(self, greenlet: gevent.Greenlet) -> None:
+        self._fatal = greenlet.exception
+        log.critical("%s died: %r", getattr(greenlet, "name", "greenlet"), greenlet.exception)
+        self._stop.set()
+
+    def _start_http(self) -> None:
+        addr = self.cfg.metrics.address
+        if addr is None:
+            return
+        app = wsgi_app(self.metrics, self._healthy)
+        self.http = WSGIServer(addr, app, log=None, error_log=logging.getLogger("greenmail.http"))
+        self.http.start()
+        log.info("metrics on http://%s:%d/metrics", *self.http.address[:2])
+
+    def _healthy(self) -> tuple[bool, str]:
+        last = self.scheduler.last_check
+        age = time.time() - last
+        limit = 3 * self.cfg.delivery.check_interval
+        if not last:
+            return False, "no periodic check has run yet"
+        if age > limit:
+            return False, f"stale: last periodic check {age:.1f}s ago"
+        if not os.access(self.spool.path / "tmp", os.W_OK):
+            return False, "spool not writable"
+        return True, f"ok: last periodic check {age:.1f}s ago"
+
+    def _run_forever(self) -> None:
+        for name, fn in (("scheduler", self.scheduler.run), ("wake-up watcher", self.scheduler.watch)):
+            g = gevent.spawn(fn)
+            g.name = name
+            g.link_exception(self._fatal_error)
+        self._stop.wait()
+
+    def _run_once(self) -> None:
+        self.scheduler.check()
+        while not self._stop.is_set():
+            self.scheduler.pool.join()
+            if (self.scheduler.idle() or not self.scheduler.fill()) and not len(self.scheduler.pool):
+                return
+
+    def _graceful_stop(self) -> None:
+        self.scheduler.stop()
+        grace = self.cfg.delivery.shutdown_grace
+        pool = self.scheduler.pool
+        if len(pool):
+            log.info("waiting up to %gs for %d sessions to finish", grace, len(pool))
+            if not pool.join(timeout=grace):
+                log.warning("grace period over: stopping %d sessions, their messages go back", len(pool))
+                pool.kill(timeout=max(5.0, self.cfg.timeouts.command))

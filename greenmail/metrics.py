@@ -1,0 +1,133 @@
+"""Metric objects and the HTTP app that serves them.
+
+Owns: every greenmail_* family of the contract, defined once on the
+project's own registry with each enumerated label value present at 0 from
+start-up; the WSGI app for /metrics and /healthz.
+Must not touch: delivery logic, the spool, sockets (the daemon serves the app).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from greenmail import __version__
+from greenmail.protocol import STAGES
+
+REQUEUE_REASONS = ("temporary", "timeout", "connection", "protocol", "shutdown")
+RESULTS = ("delivered", "deferred", "failed")
+CONNECT_RESULTS = ("ok", "refused", "timeout", "error")
+SPOOL_STATES = ("queued", "deferred", "active", "failed")
+SCAN_TRIGGERS = ("periodic", "wakeup")
+# Reply codes pre-created per stage so dashboards see the common ones at 0.
+COMMON_CODES: dict[str, tuple[str, ...]] = {
+    "banner": ("220", "421", "554"),
+    "helo": ("250", "421", "502", "550"),
+    "mail": ("250", "421", "451", "452", "550", "553"),
+    "rcpt": ("250", "421", "450", "451", "452", "550", "551", "552", "553"),
+    "data": ("354", "421", "451", "554"),
+    "message": ("250", "421", "451", "452", "552", "554"),
+}
+DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
+SESSION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+
+
+def _preset(metric: Any, label: str, values: Iterable[str]) -> None:
+    for v in values:
+        metric.labels(**{label: v})
+
+
+class Metrics:
+    """All of greenmail's metrics on one registry."""
+
+    def __init__(self, max_connections: int = 0) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        p = "greenmail_"
+        self.stage_reached = Counter(p + "smtp_stage_reached", "SMTP stages reached", ["stage"], registry=r)
+        self.replies = Counter(
+            p + "smtp_replies", "SMTP replies by stage and code", ["stage", "code"], registry=r
+        )
+        self.requeues = Counter(p + "requeues", "Messages put back in the queue", ["reason"], registry=r)
+        self.attempts = Counter(
+            p + "delivery_attempts", "Delivery attempts by result", ["result"], registry=r
+        )
+        self.recipients = Counter(p + "recipients", "Recipients by result", ["result"], registry=r)
+        self.bounces = Counter(p + "bounces", "Bounce messages generated", registry=r)
+        self.expired = Counter(p + "messages_expired", "Messages given up after max_lifetime", registry=r)
+        self.connects = Counter(p + "connection_attempts", "SMTP connection attempts", ["result"], registry=r)
+        self.active = Gauge(p + "connections_active", "SMTP sessions open now", registry=r)
+        self.max_connections = Gauge(p + "connections_max", "delivery.max_connections", registry=r)
+        self.spool = Gauge(p + "spool_messages", "Messages in the spool by state", ["state"], registry=r)
+        self.oldest = Gauge(
+            p + "spool_oldest_message_timestamp_seconds", "Enqueue time of the oldest message", registry=r
+        )
+        self.scans = Counter(p + "spool_scans", "Spool scans by trigger", ["trigger"], registry=r)
+        self.heartbeat = Gauge(
+            p + "spool_scan_last_success_timestamp_seconds", "Heartbeat of the periodic check", registry=r
+        )
+        self.delay = Histogram(
+            p + "delivery_delay_seconds", "Enqueue to final 250", buckets=DELAY_BUCKETS, registry=r
+        )
+        self.session_duration = Histogram(
+            p + "smtp_session_duration_seconds",
+            "SMTP session, connect to close",
+            buckets=SESSION_BUCKETS,
+            registry=r,
+        )
+        build = Gauge(p + "build_info", "greenmail build", ["version"], registry=r)
+        build.labels(version=__version__).set(1)
+        self.max_connections.set(max_connections)
+        self._preset()
+
+    def _preset(self) -> None:
+        _preset(self.stage_reached, "stage", STAGES)
+        for stage, codes in COMMON_CODES.items():
+            for code in codes:
+                self.replies.labels(stage=stage, code=code)
+        _preset(self.requeues, "reason", REQUEUE_REASONS)
+        _preset(self.attempts, "result", RESULTS)
+        _preset(self.recipients, "result", RESULTS)
+        _preset(self.connects, "result", CONNECT_RESULTS)
+        _preset(self.spool, "state", SPOOL_STATES)
+        _preset(self.scans, "trigger", SCAN_TRIGGERS)
+
+    def reply(self, stage: str, code: int | None) -> None:
+        self.replies.labels(stage=stage, code=str(code) if code else "other").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+def wsgi_app(metrics: Metrics, healthy: Callable[[], tuple[bool, str]]) -> Callable[..., Iterable[bytes]]:
+    """/metrics in the Prometheus text format, /healthz 200 or 503, 404 otherwise."""
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            body = metrics.render()
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+            return [body]
+        if path == "/healthz":
+            ok, why = healthy()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [why.encode() + b"\n"]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    return app

@@ -1,0 +1,193 @@
+"""The queue's operations as sessions and the scheduler see them.
+
+Owns: the in-memory index of waiting and due messages (refreshed by full
+scans and by cheap wake-up scans that only parse new names), handing claims
+to sessions, and settling a claim as delivered, deferred (with backoff),
+failed or released, with the matching counters and spool gauges.
+Every spool call goes through ``offload`` (the hub's threadpool in the daemon).
+Must not touch: sockets, SMTP replies (it sees only settled recipients),
+directory paths (the Spool owns them). A second queue backend replaces this
+module's Spool, not its callers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from greenmail.config import RetryConfig
+from greenmail.errors import CorruptQueueFile
+from greenmail.metrics import Metrics
+from greenmail.queuefile import Entry, id_time
+from greenmail.spool import ACTIVE, FAILED, Claim, Spool
+
+log = logging.getLogger("greenmail.queue")
+T = TypeVar("T")
+Offload = Callable[..., Any]
+
+
+def direct(fn: Callable[..., T], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> T:
+    """Run a spool call right here (tests, one-shot commands)."""
+    return fn(*args, **(kwargs or {}))
+
+
+class Outbox:
+    def __init__(
+        self,
+        spool: Spool,
+        retry: RetryConfig,
+        metrics: Metrics,
+        offload: Offload = direct,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spool = spool
+        self.retry = retry
+        self.metrics = metrics
+        self.offload = offload
+        self.clock = clock
+        self._due: deque[Entry] = deque()
+        self._waiting: list[tuple[int, str, Entry]] = []
+        self._known: set[str] = set()
+        self.stopping = False
+
+    # -- the index ---------------------------------------------------------------
+
+    def refresh(self) -> int:
+        """Full scan of outgoing/: rebuild the index. Returns the number due."""
+        entries = self.offload(self.spool.scan)
+        self._due.clear()
+        self._waiting = []
+        self._known = set()
+        self._add(entries)
+        self.metrics.scans.labels(trigger="periodic").inc()
+        return self.due_count()
+
+    def wakeup(self) -> int:
+        """Cheap scan: index the names that appeared since the last look."""
+        entries = self.offload(self.spool.scan, (frozenset(self._known),))
+        self._add(entries)
+        self.metrics.scans.labels(trigger="wakeup").inc()
+        return self.due_count()
+
+    def _add(self, entries: list[Entry]) -> None:
+        now = self.clock()
+        for e in sorted(entries, key=lambda e: e.name):
+            if e.name in self._known:
+                continue
+            self._known.add(e.name)
+            if e.due(now):
+                self._due.append(e)
+            else:
+                heapq.heappush(self._waiting, (e.next_at, e.name, e))
+
+    def _promote(self) -> None:
+        now = self.clock()
+        while self._waiting and self._waiting[0][0] <= now:
+            self._due.append(heapq.heappop(self._waiting)[2])
+
+    def due_count(self) -> int:
+        self._promote()
+        return len(self._due)
+
+    def next_wakeup(self) -> float | None:
+        """When the earliest waiting message becomes due, if any."""
+        return self._waiting[0][0] if self._waiting else None
+
+    def take(self) -> Claim | None:
+        """Claim the next due message, or None when nothing is due (or stopping)."""
+        while not self.stopping and self.due_count():
+            entry = self._due.popleft()
+            self._known.discard(entry.name)
+            try:  # on the hub: a rename and a short read, and never lost to a kill
+                claim = self.spool.claim(entry)
+            except CorruptQueueFile as e:
+                log.error("%s", e)
+                continue
+            if claim is not None:
+                return claim
+        return None
+
+    # -- settling a claim -----------------------------------------------------------
+
+    def finish(self, claim: Claim, reason: str = "temporary") -> str:
+        """Settle a claim after a transaction from the recipients' state.
+
+        Returns "delivered", "deferred" or "failed" (the attempt's result).
+        ``reason`` is the requeue reason if recipients are left to try.
+        """
+        pending = claim.state.pending(claim.envelope)
+        if pending and self.clock() - claim.queued_at > self.retry.max_lifetime:
+            self._expire(claim, pending)
+            pending = ()
+        claim.settled = True
+        if pending:
+            self._requeue(claim, reason, attempt=True)
+            result = "deferred"
+        elif "failed" in claim.state.recipients.values():
+            self.offload(self.spool.fail, (claim,))
+            result = "failed"
+        else:
+            self.offload(self.spool.done, (claim,))
+            result = "delivered"
+        self.metrics.attempts.labels(result=result).inc()
+        return result
+
+    def release(self, claim: Claim, reason: str) -> None:
+        """Put a claim back untouched (connection lost, shutdown), due as before.
+
+        A connection-level failure is not the message's fault, so it is not
+        counted as an attempt; shutdown neither.
+        """
+        claim.settled = True
+        self._requeue(claim, reason, attempt=reason != "shutdown")
+
+    def _requeue(self, claim: Claim, reason: str, attempt: bool) -> None:
+        if attempt:
+            next_at = int(self.clock() + self.backoff(claim.entry.attempts + 1))
+        else:
+            next_at = claim.entry.next_at
+        save = bool(claim.state.recipients or claim.state.last_error)
+        entry = self.offload(self.spool.requeue, (claim, next_at), {"attempt": attempt, "state": save})
+        self.metrics.requeues.labels(reason=reason).inc()
+        self._add([entry])
+
+    def backoff(self, attempts: int) -> float:
+        """Delay before attempt ``attempts + 1``: min_backoff doubling, capped."""
+        r = self.retry
+        return min(r.max_backoff, r.min_backoff * 2 ** max(0, min(attempts - 1, 60)))
+
+    def _expire(self, claim: Claim, pending: tuple[str, ...]) -> None:
+        days = self.retry.max_lifetime / 86400
+        why = f"message expired: undeliverable for {days:g} days; last error: {claim.state.last_error}"
+        for rcpt in pending:
+            claim.state.recipients[rcpt] = "failed"
+            claim.state.errors[rcpt] = why
+        claim.state.last_error = why
+        self.metrics.expired.inc()
+        self.metrics.recipients.labels(result="failed").inc(len(pending))
+        log.warning("%s: %s", claim.id, why)
+
+    # -- gauges -------------------------------------------------------------------
+
+    def update_gauges(self) -> None:
+        """Spool gauges from the index and a listing of active/ and failed/."""
+        active, failed = self.offload(_count_dirs, (self.spool,))
+        deferred = sum(1 for _, _, e in self._waiting if e.attempts) + sum(1 for e in self._due if e.attempts)
+        queued = len(self._due) + len(self._waiting) - deferred
+        m = self.metrics.spool
+        m.labels(state="queued").set(queued)
+        m.labels(state="deferred").set(deferred)
+        m.labels(state="active").set(active)
+        m.labels(state="failed").set(failed)
+        times = [id_time(e.id) for e in self._due] + [id_time(w[2].id) for w in self._waiting]
+        known = [t for t in times if t]
+        self.metrics.oldest.set(min(known) if known else 0)
+
+
+def _count_dirs(spool: Spool) -> tuple[int, int]:
+    return len(os.listdir(spool.dir(ACTIVE))), len(os.listdir(spool.dir(FAILED)))
