@@ -1,3 +1,27 @@
 """greenmail: a mail delivery daemon on gevent."""
 
+from __future__ import annotations
+
+import os
+from typing import BinaryIO
+
 __version__ = "0.1.0"
+
+
+def enqueue(
+    sender: str,
+    recipients: list[str] | tuple[str, ...],
+    message: bytes | BinaryIO,
+    spool: str | os.PathLike[str],
+) -> str:
+    """Put one message durably into the spool at ``spool``; return its queue id.
+
+    The same as ``greenmail enqueue`` without a process start: addresses are
+    checked (AddressError), Date:/Message-ID: added when missing, the file
+    fsync'd and renamed into outgoing/ before this returns.
+    """
+    from greenmail.spool import Spool
+
+    s = Spool(spool)
+    s.ensure()
+    return s.enqueue(sender, recipients, message)

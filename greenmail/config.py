@@ -117,6 +117,12 @@ def _text(v: Any) -> str | None:
     return None
 
 
+def _path(v: Any) -> str | None:
+    if not isinstance(v, str) or not v or any(ord(c) < 32 for c in v):
+        return "expected a non-empty path"
+    return None
+
+
 def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "expected true or false"
 
@@ -127,13 +133,13 @@ def _listen(v: Any) -> str | None:
     if v == "":
         return None
     host, sep, port = v.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         return 'expected "HOST:PORT" (port 1-65535) or "" to disable'
     return None
 
 
 SCHEMA: dict[str, dict[str, Check]] = {
-    "spool": {"path": _text},
+    "spool": {"path": _path},
     "relay": {"host": _text, "port": _int_range(1, 65535), "helo": _text},
     "delivery": {
         "max_connections": _int_range(1, 100000),
@@ -173,7 +179,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
             raw = tomllib.load(f)
     except OSError as e:
         raise ConfigError(f"{file}: cannot read configuration: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file}: invalid TOML: {e}") from None
     return from_dict(raw, base=file.resolve().parent, source=file)
 
@@ -194,17 +200,22 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Co
     )
 
 
+def _shown(name: str) -> str:
+    """A name from the file, safe to print on one line."""
+    return name if name.isprintable() else repr(name)
+
+
 def _validate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for section, values in raw.items():
         if section not in SCHEMA:
-            raise ConfigError(f"unknown configuration section [{section}]")
+            raise ConfigError(f"unknown configuration section [{_shown(section)}]")
         if not isinstance(values, dict):
             raise ConfigError(f"{section}: expected a table [{section}]")
         for key, value in values.items():
             check = SCHEMA[section].get(key)
             if check is None:
-                raise ConfigError(f"unknown configuration key {section}.{key}")
+                raise ConfigError(f"unknown configuration key {section}.{_shown(key)}")
             complaint = check(value)
             if complaint:
                 raise ConfigError(f"{section}.{key}: {complaint}, got {value!r}")

@@ -114,8 +114,11 @@ def added_headers(head: bytes, qid: str) -> bytes:
     the result ends with a blank line so that the added headers stand apart.
     """
     eol = b"\r\n" if head.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
-    end = re.search(rb"\r?\n\r?\n", head)
-    block = b"\n" + (head[: end.start()] if end else head)
+    if _HEADER_LINE.match(head):
+        end = re.search(rb"\r?\n\r?\n", head)
+        block = b"\n" + (head[: end.start()] if end else head)
+    else:
+        block = b""  # no header section: whatever looks like one is body
     lines = []
     if not re.search(rb"\ndate:", block, re.IGNORECASE):
         lines.append(b"Date: " + email.utils.formatdate(localtime=True).encode())

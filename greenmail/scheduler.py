@@ -76,6 +76,7 @@ class Scheduler:
         self.fill()
         self.outbox.update_gauges()
         self.outbox.offload(self.spool.clean_tmp)
+        self.outbox.offload(self.spool.recover)  # claims of daemons that died meanwhile
         self.last_check = time.time()
         self.metrics.heartbeat.set(self.last_check)
 

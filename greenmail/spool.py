@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -191,14 +192,15 @@ class Spool:
             raise CorruptQueueFile(f"{entry.id}: moved to corrupt/: {e}") from None
 
     def _open_claim(self, entry: Entry, path: Path) -> Claim:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:  # O_NONBLOCK: a FIFO must not hang us; O_NOFOLLOW: no symlinks
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as e:
             raise CorruptQueueFile(f"cannot open: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise CorruptQueueFile("not a regular file")
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not os.path.stat.S_ISREG(st.st_mode):
-                raise CorruptQueueFile("not a regular file")
             env = read_envelope(f)
         return Claim(entry, path, env, self.read_state(entry.id), st.st_size - env.body_offset, st.st_mtime)
 
@@ -316,7 +318,7 @@ class Spool:
         limit = time.time() - max_age
         with os.scandir(self.dir(TMP)) as it:
             for de in it:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # gone meanwhile, or a directory
                     if de.stat(follow_symlinks=False).st_mtime < limit:
                         os.unlink(de.path)
                         removed += 1

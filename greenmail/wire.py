@@ -17,7 +17,7 @@ MAX_LINE = 4096  # longest reply line accepted (RFC 5321 asks for 512)
 MAX_LINES = 200  # most lines in one multi-line reply
 MAX_REPLY = 64 * 1024  # most bytes in one reply
 
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]?)(.*)\Z", re.DOTALL)
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?\Z", re.DOTALL)
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
 _FORBIDDEN = re.compile(r"[\r\n\x00]")
 _EOL = re.compile(rb"\r\n|\r|\n")
@@ -65,7 +65,11 @@ class ReplyParser:
 
     def feed(self, data: bytes) -> None:
         self._buf += data
-        if b"\n" not in self._buf and len(self._buf) > MAX_LINE:
+        self._check_partial()
+
+    def _check_partial(self) -> None:
+        """The unfinished last line may not grow past MAX_LINE."""
+        if len(self._buf) - self._buf.rfind(b"\n") - 1 > MAX_LINE:
             raise ProtocolError(f"reply line longer than {MAX_LINE} bytes")
 
     def next_reply(self) -> Reply | None:
@@ -73,6 +77,7 @@ class ReplyParser:
         while True:
             nl = self._buf.find(b"\n")
             if nl < 0:
+                self._check_partial()
                 return None
             if nl > MAX_LINE:
                 raise ProtocolError(f"reply line longer than {MAX_LINE} bytes")
@@ -91,7 +96,7 @@ class ReplyParser:
             raise ProtocolError(f"reply code changed from {self._code} to {code}")
         self._code = code
         self._size += size
-        self._lines.append(m.group(3).decode("utf-8", "replace"))
+        self._lines.append((m.group(3) or b"").decode("utf-8", "replace"))
         if len(self._lines) > MAX_LINES or self._size > MAX_REPLY:
             raise ProtocolError("reply too long")
         if m.group(2) == b"-":

@@ -178,7 +178,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
 
 BAD = [
     # (toml, substring the message must contain)
-    pytest.param('[relay]\nfoo = 1\n', "relay.foo", id="unknown-key"),
+    pytest.param("[relay]\nfoo = 1\n", "relay.foo", id="unknown-key"),
     pytest.param('[spool]\npath = "s"\nextra = true\n', "spool.extra", id="unknown-spool-key"),
     pytest.param("[nosuch]\nx = 1\n", "nosuch", id="unknown-section"),
     pytest.param("relay = 5\n", "relay", id="section-not-table"),
@@ -299,7 +299,7 @@ def test_find_explicit_path_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_find_uses_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    env_file = write(tmp_path, '[relay]\nport = 2626\n', "env.toml")
+    env_file = write(tmp_path, "[relay]\nport = 2626\n", "env.toml")
     monkeypatch.setenv(config.ENV_VAR, str(env_file))
     monkeypatch.setattr(config, "DEFAULT_PATHS", ())
     assert config.find(None) == env_file

@@ -126,7 +126,9 @@ def test_read_envelope_line_endings(eol: bytes) -> None:
     assert data[e.body_offset :].startswith(b"Subject: x")
 
 
-@pytest.mark.parametrize("sender_line", [b"", b"<>", b" <> ", b"  "], ids=["empty", "brackets", "spaced", "blank"])
+@pytest.mark.parametrize(
+    "sender_line", [b"", b"<>", b" <> ", b"  "], ids=["empty", "brackets", "spaced", "blank"]
+)
 def test_read_envelope_null_sender(sender_line: bytes) -> None:
     e = env(sender_line + b"\nb@x.org\n" + MESSAGE)
     assert e.sender == ""
@@ -357,7 +359,18 @@ def test_state_pending() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"garbage", b"{", b"[]", b"null", b"42", b'"str"', b'{"recipients": 5}', b"\xff\xfe", b'{"errors": [1]}'],
+    [
+        b"",
+        b"garbage",
+        b"{",
+        b"[]",
+        b"null",
+        b"42",
+        b'"str"',
+        b'{"recipients": 5}',
+        b"\xff\xfe",
+        b'{"errors": [1]}',
+    ],
 )
 def test_state_garbage(data: bytes) -> None:
     with pytest.raises(CorruptQueueFile):

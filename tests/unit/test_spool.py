@@ -501,7 +501,7 @@ def test_claim_fifo_is_corrupt_and_does_not_hang(spool: Spool) -> None:
     os.mkfifo(spool.dir(OUTGOING) / "FIFO")
     proc = subprocess.Popen([sys.executable, "-c", FIFO_CLAIM, str(spool.path)], stdout=subprocess.PIPE)
     try:
-        out, _ = proc.communicate(timeout=5)
+        out, _ = proc.communicate(timeout=3)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -836,3 +836,16 @@ def test_clean_tmp_leaves_other_dirs(spool: Spool) -> None:
     os.utime(spool.dir(OUTGOING) / qid, (old, old))
     assert spool.clean_tmp(max_age=0) == 0
     assert names(spool, OUTGOING) == [qid]
+
+
+def test_clean_tmp_survives_a_directory(spool: Spool) -> None:
+    # Something other than a file in tmp/ must not make the cleaning fail.
+    old = time.time() - 10 * 86400
+    stray = spool.dir(TMP) / "STRAYDIR"
+    stray.mkdir()
+    os.utime(stray, (old, old))
+    stale = spool.dir(TMP) / "STALE"
+    stale.write_bytes(b"x")
+    os.utime(stale, (old, old))
+    spool.clean_tmp(max_age=3600)
+    assert not stale.exists()

@@ -1,0 +1,150 @@
+"""Helpers for the tests that run real processes: ports, configs, polling, processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+GREENMAIL = [sys.executable, "-m", "greenmail"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    def is_open() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    wait_until(is_open, timeout, what=f"port {port}")
+
+
+def write_config(directory: Path, relay_port: int, **sections: dict[str, Any]) -> Path:
+    """A greenmail.toml in ``directory`` with spool "spool", the relay on 127.0.0.1:relay_port.
+
+    ``sections`` override or add keys, e.g. delivery={"max_connections": 1}.
+    Metrics are off unless a metrics section is given.
+    """
+    cfg: dict[str, dict[str, Any]] = {
+        "spool": {"path": "spool"},
+        "relay": {"host": "127.0.0.1", "port": relay_port, "helo": "client.test"},
+        "delivery": {"check_interval": 60},
+        "retry": {"min_backoff": 300},
+        "timeouts": {"connect": 5, "banner": 5, "command": 5, "data_init": 5, "data_block": 5, "data_end": 5},
+        "metrics": {"listen": ""},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in cfg.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            else:
+                lines.append(f"{key} = {value}")
+    path = directory / "greenmail.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.pop("GREENMAIL_CONFIG", None)
+    return e
+
+
+def greenmail(
+    *args: str, config: Path | None = None, stdin: bytes = b"", timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    """Run one greenmail command to completion."""
+    cmd = [*GREENMAIL, *args] + (["--config", str(config)] if config else [])
+    return subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout, env=env())
+
+
+def enqueue(config: Path, message: bytes, sender: str = "sender@example.org", *to: str) -> str:
+    r = greenmail(
+        "enqueue",
+        "--from",
+        sender,
+        *[a for t in (to or ("rcpt@example.net",)) for a in ("--to", t)],
+        config=config,
+        stdin=message,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.decode().strip()
+
+
+class Process:
+    """A long-running child (daemon, sink, server) whose stderr goes to a file."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self._out = open(log, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT, env=env())
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._out.close()
+        return self.proc.returncode
+
+
+def daemon(config: Path, log: Path, *extra: str) -> Process:
+    return Process([*GREENMAIL, "run", "--config", str(config), *extra], log)
+
+
+def sink(port: int, maildir: Path, log: Path) -> Process:
+    p = Process([*GREENMAIL, "sink", "--listen", f"127.0.0.1:{port}", "--maildir", str(maildir)], log)
+    wait_port(port)
+    return p
+
+
+def spool_files(spool: Path, sub: str) -> list[str]:
+    d = spool / sub
+    return sorted(n for n in os.listdir(d) if not n.startswith(".")) if d.exists() else []
