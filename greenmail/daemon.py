@@ -78,11 +78,12 @@ class Daemon:
             )  # fmt: skip
             for sig in (signal.SIGTERM, signal.SIGINT):
                 gevent.signal_handler(sig, self._on_signal, sig)
-            if self.once:
-                self._run_once()
-            else:
+            if not self.once:
                 self._start_http()
-                self._run_forever()
+            self._start(("once", self._run_once) if self.once else ("scheduler", self.scheduler.run))
+            if not self.once:
+                self._start(("wake-up watcher", self.scheduler.watch))
+            self._stop.wait()
             self._graceful_stop()
         finally:
             if self.http is not None:
@@ -124,19 +125,20 @@ class Daemon:
             return False, "spool not writable"
         return True, f"ok: last periodic check {age:.1f}s ago"
 
-    def _run_forever(self) -> None:
-        for name, fn in (("scheduler", self.scheduler.run), ("wake-up watcher", self.scheduler.watch)):
-            g = gevent.spawn(fn)
-            g.name = name
-            g.link_exception(self._fatal_error)
-        self._stop.wait()
+    def _start(self, job: tuple[str, Any]) -> None:
+        g = gevent.spawn(job[1])
+        g.name = job[0]
+        g.link_exception(self._fatal_error)
 
     def _run_once(self) -> None:
-        self.scheduler.check()
+        """One pass: every due message gets an attempt; then stop."""
+        sched = self.scheduler
+        sched.check()
         while not self._stop.is_set():
-            self.scheduler.pool.join()
-            if (self.scheduler.idle() or not self.scheduler.fill()) and not len(self.scheduler.pool):
-                return
+            sched.pool.join()
+            if (sched.idle() or not sched.fill()) and not len(sched.pool):
+                break
+        self._stop.set()
 
     def _graceful_stop(self) -> None:
         self.scheduler.stop()

@@ -55,7 +55,7 @@ class Session:
         self.on_greeted = on_greeted
         self.sock: socket.socket | None = None
         self.parser = wire.ReplyParser()
-        self.relay = f"{config.relay.host}[?]:{config.relay.port}"
+        self.relay = f"{config.relay.host}:{config.relay.port}"
         self.extensions: dict[str, str] = {}
         self._mid_message = False  # the final dot is sent, its reply not yet read
 
@@ -211,14 +211,8 @@ class Session:
             claim.state.errors[rcpt] = claim.state.last_error
             self.metrics.recipients.labels(result="deferred").inc()
         self.outbox.finish(claim, e.reason)
-        log.info(
-            "%s: to=<%s>, relay=%s, attempts=%d, status=deferred (%s)",
-            claim.id,
-            ">,<".join(claim.state.pending(claim.envelope)),
-            self.relay,
-            claim.entry.attempts + 1,
-            claim.state.last_error,
-        )
+        for rcpt in claim.state.pending(claim.envelope):
+            self._log_rcpt(claim, rcpt, "deferred", "4.4.2", claim.state.last_error)
 
     def _rset(self) -> bool:
         try:
@@ -229,15 +223,29 @@ class Session:
         return reply.cls == 2
 
     def _log(self, claim: Claim, txn: Transaction) -> None:
-        delay = time.time() - claim.queued_at
         for rcpt, result in txn.results.items():
             reply = txn.replies[rcpt]
             status = {Rcpt.DELIVERED: "sent", Rcpt.DEFERRED: "deferred", Rcpt.FAILED: "bounced"}[result]
-            dsn = reply.enhanced or f"{reply.cls}.0.0"
-            log.info(
-                "%s: to=<%s>, relay=%s, delay=%.2f, attempts=%d, dsn=%s, status=%s (%s)",
-                claim.id, rcpt, self.relay, delay, claim.entry.attempts + 1, dsn, status, reply,
-            )  # fmt: skip
+            self._log_rcpt(claim, rcpt, status, reply.enhanced or f"{reply.cls}.0.0", str(reply))
+
+    def _log_rcpt(self, claim: Claim, rcpt: str, status: str, dsn: str, reply: str) -> None:
+        """The Postfix-style line for one recipient of one attempt (fields also for --log-format json)."""
+        fields = {
+            "queue_id": claim.id,
+            "to": rcpt,
+            "relay": self.relay,
+            "delay": round(time.time() - claim.queued_at, 2),
+            "attempts": claim.entry.attempts + 1,
+            "dsn": dsn,
+            "status": status,
+            "reply": reply,
+        }
+        log.info(
+            "%(queue_id)s: to=<%(to)s>, relay=%(relay)s, delay=%(delay).2f, attempts=%(attempts)d, "
+            "dsn=%(dsn)s, status=%(status)s (%(reply)s)",
+            fields,
+            extra={"fields": {"event": "delivery", **fields}},
+        )
 
     # -- the wire ----------------------------------------------------------------
 
