@@ -156,6 +156,7 @@ def _retry(spool: Spool, loc: Located) -> bool:
     if loc.directory == FAILED:
         state = spool.read_state(e.id)
         state.recipients = {r: s for r, s in state.recipients.items() if s != "failed"}
+        state.bounced = []
         spool.write_state(e.id, state)
     try:
         os.rename(loc.path(spool), spool.dir(OUTGOING) / format_name(e.id, e.attempts, 0))

@@ -47,6 +47,7 @@ class RetryConfig:
     max_backoff: float = 4000
     max_lifetime: float = 432000
     bounce: bool = True
+    delay_warning: float = 0  # seconds; 0 = no "still trying" notice
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_backoff": _duration,
         "max_lifetime": _duration,
         "bounce": _boolean,
+        "delay_warning": _duration,
     },
     "timeouts": {k: _positive_duration for k in Timeouts.__dataclass_fields__},
     "metrics": {"listen": _listen},

@@ -54,8 +54,10 @@ class Daemon:
         self.once = once
         self.metrics = Metrics(config.delivery.max_connections)
         self.spool = Spool(config.spool.path)
-        self.outbox = Outbox(self.spool, config.retry, self.metrics, offload)
         self.helo = config.relay.helo or socket.getfqdn()
+        self.outbox = Outbox(
+            self.spool, config.retry, self.metrics, offload, hostname=self.helo, relay=config.relay.host
+        )
         self.scheduler = Scheduler(config, self.spool, self.outbox, self.metrics, self._new_session)
         self.http: WSGIServer | None = None
         self._stop = Event()

@@ -15,15 +15,17 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import random
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from greenmail import bounce
 from greenmail.config import RetryConfig
 from greenmail.errors import CorruptQueueFile
 from greenmail.metrics import Metrics
-from greenmail.queuefile import Entry, id_time
+from greenmail.queuefile import HOST, Entry, id_time
 from greenmail.spool import ACTIVE, FAILED, Claim, Spool
 
 log = logging.getLogger("greenmail.queue")
@@ -44,9 +46,13 @@ class Outbox:
         metrics: Metrics,
         offload: Offload = direct,
         clock: Callable[[], float] = time.time,
+        hostname: str = HOST,
+        relay: str | None = None,
     ) -> None:
         self.spool = spool
         self.retry = retry
+        self.hostname = hostname
+        self.relay = relay
         self.metrics = metrics
         self.offload = offload
         self.clock = clock
@@ -121,9 +127,11 @@ class Outbox:
         ``reason`` is the requeue reason if recipients are left to try.
         """
         pending = claim.state.pending(claim.envelope)
-        if pending and self.clock() - claim.queued_at > self.retry.max_lifetime:
+        age = self.clock() - claim.queued_at
+        if pending and age > self.retry.max_lifetime:
             self._expire(claim, pending)
             pending = ()
+        self._notify(claim, pending, age)
         claim.settled = True
         if pending:
             self._requeue(claim, reason, attempt=True)
@@ -148,7 +156,7 @@ class Outbox:
 
     def _requeue(self, claim: Claim, reason: str, attempt: bool) -> None:
         if attempt:
-            next_at = int(self.clock() + self.backoff(claim.entry.attempts + 1))
+            next_at = int(self.clock() + self.jittered(claim.entry.attempts + 1))
         else:
             next_at = claim.entry.next_at
         save = bool(claim.state.recipients or claim.state.last_error)
@@ -157,9 +165,54 @@ class Outbox:
         self._add([entry])
 
     def backoff(self, attempts: int) -> float:
-        """Delay before attempt ``attempts + 1``: min_backoff doubling, capped."""
+        """Delay before attempt ``attempts + 1``: min_backoff doubling, capped (no jitter)."""
         r = self.retry
         return min(r.max_backoff, r.min_backoff * 2 ** max(0, min(attempts - 1, 60)))
+
+    def jittered(self, attempts: int) -> float:
+        """The backoff plus up to a quarter more, so deferrals do not retry in lockstep."""
+        delay = self.backoff(attempts)
+        return delay + random.uniform(0, delay / 4)
+
+    # -- notifications ---------------------------------------------------------------
+
+    def _notify(self, claim: Claim, pending: tuple[str, ...], age: float) -> None:
+        """Bounce newly failed recipients; warn once about long-delayed ones."""
+        state = claim.state
+        failed = state.unreported_failures()
+        if failed:
+            self._dsn(claim, failed, "failed")
+            state.bounced.extend(failed)
+        elif pending and self.retry.delay_warning and age > self.retry.delay_warning and not state.warned:
+            self._dsn(claim, list(pending), "delayed")
+            state.warned = True
+
+    def _dsn(self, claim: Claim, rcpts: list[str], action: str) -> None:
+        sender = claim.envelope.sender
+        if not self.retry.bounce or not sender:  # never bounce a bounce
+            if not sender and action == "failed":
+                log.info("%s: null sender: no notification for %d failed recipients", claim.id, len(rcpts))
+            return
+        errors = claim.state.errors
+        failures = [
+            bounce.Failure(r, errors.get(r) or claim.state.last_error or "unknown", self.relay) for r in rcpts
+        ]
+        headers = self.offload(bounce.original_headers, (str(claim.path), claim.envelope.body_offset))
+        dsn = bounce.build(
+            reporting_mta=self.hostname,
+            original_sender=sender,
+            queue_id=claim.id,
+            arrival=claim.queued_at,
+            failures=failures,
+            original_headers=headers,
+            action=action,
+        )
+        qid = self.offload(self.spool.enqueue, ("", [sender], dsn))
+        if action == "failed":
+            self.metrics.bounces.inc()
+        log.info(
+            "%s: sender %s notification: %s", claim.id, "non-delivery" if action == "failed" else "delay", qid
+        )
 
     def _expire(self, claim: Claim, pending: tuple[str, ...]) -> None:
         days = self.retry.max_lifetime / 86400

@@ -67,6 +67,9 @@ TRANSITIONS: dict[tuple[Stage, int], Action] = {
 HELO_FALLBACK: dict[int, Action] = {2: Action.PROCEED, 4: Action.ABORT, 5: Action.ABORT}
 
 
+TOO_MANY_RECIPIENTS = 452
+
+
 def decide(stage: Stage, reply: Reply) -> Action:
     """What a reply at a stage leads to, by the table above."""
     return TRANSITIONS.get((stage, reply.cls), Action.PROTOCOL)
@@ -92,6 +95,7 @@ class Transaction:
     results: dict[str, Rcpt] = field(default_factory=dict)
     replies: dict[str, Reply] = field(default_factory=dict)
     accepted: list[str] = field(default_factory=list)
+    overflow: list[str] = field(default_factory=list)  # left for the next transaction (452)
     error: Reply | None = None
 
     def on_mail(self, reply: Reply) -> bool:
@@ -99,6 +103,9 @@ class Transaction:
         return self._settle_all(Stage.MAIL, reply, self.recipients)
 
     def on_rcpt(self, rcpt: str, reply: Reply) -> None:
+        if reply.code == TOO_MANY_RECIPIENTS and self.accepted:
+            self.overflow.append(rcpt)  # RFC 5321 4.5.3.1.10: send the rest in another transaction
+            return
         action = decide(Stage.RCPT, reply)
         self.replies[rcpt] = reply
         if action is Action.PROCEED:

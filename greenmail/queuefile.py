@@ -16,7 +16,7 @@ import re
 import secrets
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
 from greenmail import address
@@ -138,25 +138,35 @@ class State:
 
     ``recipients`` records the recipients that are settled for good
     ("delivered" or "failed"); any other recipient is still to be tried.
+    ``bounced`` lists the failed recipients the sender was already told
+    about; ``warned`` is set once a "still trying" notice went out.
     """
 
     recipients: dict[str, str] = field(default_factory=dict)
     last_error: str | None = None
     errors: dict[str, str] = field(default_factory=dict)
+    bounced: list[str] = field(default_factory=list)
+    warned: bool = False
 
     def pending(self, envelope: Envelope) -> tuple[str, ...]:
         return tuple(r for r in envelope.recipients if r not in self.recipients)
 
+    def unreported_failures(self) -> list[str]:
+        return [r for r, s in self.recipients.items() if s == "failed" and r not in self.bounced]
+
     def to_bytes(self) -> bytes:
-        return json.dumps(
-            {"recipients": self.recipients, "last_error": self.last_error, "errors": self.errors},
-            sort_keys=True,
-        ).encode()
+        return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> State:
         try:
             raw = json.loads(data)
-            return cls(dict(raw.get("recipients", {})), raw.get("last_error"), dict(raw.get("errors", {})))
+            return cls(
+                dict(raw.get("recipients", {})),
+                raw.get("last_error"),
+                dict(raw.get("errors", {})),
+                list(raw.get("bounced", [])),
+                bool(raw.get("warned", False)),
+            )
         except (ValueError, AttributeError, TypeError):
             raise CorruptQueueFile("unreadable delivery state") from None

@@ -145,10 +145,11 @@ class Session:
         """One message; True when the connection is fit for the next one."""
         try:
             try:
-                txn = self._transaction(claim)
+                txn = self._transactions(claim)
             except SmtpError as e:
                 self._connection_failed(claim, e)
                 return False
+            self.outbox.finish(claim, "temporary")
         except BaseException as e:
             if not claim.settled:
                 reason = "shutdown" if isinstance(e, GreenletExit) else "connection"
@@ -160,16 +161,26 @@ class Session:
             return True
         return self._rset()
 
+    def _transactions(self, claim: Claim) -> Transaction:
+        """As many transactions as the relay's 452 "too many recipients" asks for."""
+        while True:
+            txn = self._transaction(claim)
+            if not (txn.overflow and txn.count(Rcpt.DELIVERED)):
+                return txn
+
     def _transaction(self, claim: Claim) -> Transaction:
         env = claim.envelope
         txn = Transaction(claim.state.pending(env))
         reply = self._command(wire.mail_from(env.sender), Stage.MAIL, self.t.command)
         if txn.on_mail(reply):
             for rcpt in txn.recipients:
-                txn.on_rcpt(rcpt, self._command(wire.rcpt_to(rcpt), Stage.RCPT, self.t.command))
+                if txn.overflow:  # the relay said 452: the rest go in the next transaction
+                    txn.overflow.append(rcpt)
+                else:
+                    txn.on_rcpt(rcpt, self._command(wire.rcpt_to(rcpt), Stage.RCPT, self.t.command))
             if txn.wants_data:
                 self._data(claim, txn)
-        self._settle(claim, txn)
+        self._apply(claim, txn)
         return txn
 
     def _data(self, claim: Claim, txn: Transaction) -> None:
@@ -185,7 +196,8 @@ class Session:
         txn.on_message(self._read(Stage.MESSAGE, self.t.data_end))
         self._mid_message = False
 
-    def _settle(self, claim: Claim, txn: Transaction) -> None:
+    def _apply(self, claim: Claim, txn: Transaction) -> None:
+        """Record a transaction's per-recipient results in the claim's state."""
         state = claim.state
         for rcpt, result in txn.results.items():
             reply = txn.replies[rcpt]
@@ -198,8 +210,7 @@ class Session:
             self.metrics.recipients.labels(result=result.value).inc()
         if txn.error is not None:
             state.last_error = str(txn.error)
-        outcome = self.outbox.finish(claim, "temporary")
-        if outcome == "delivered" or txn.count(Rcpt.DELIVERED):
+        if txn.count(Rcpt.DELIVERED):
             self.metrics.delay.observe(max(0.0, time.time() - claim.queued_at))
         self._log(claim, txn)
 
