@@ -1,5 +1,5 @@
 """``python -m greenmail`` is the ``greenmail`` command."""
 
-from greenmail.cli import main
+from greenmail.cli import entry
 
-main(prog_name="greenmail")
+entry()

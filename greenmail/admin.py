@@ -16,13 +16,13 @@ from pathlib import Path
 
 from greenmail.errors import CorruptQueueFile, MessageBusy, NotFound
 from greenmail.queuefile import Entry, format_name, parse_name, read_envelope
-from greenmail.spool import ACTIVE, FAILED, OUTGOING, TMP, Spool, fsync_dir
+from greenmail.spool import ACTIVE, FAILED, HOLD, OUTGOING, TMP, Spool, fsync_dir
 
 
 @dataclass
 class Info:
     id: str
-    state: str  # queued | deferred | active | failed
+    state: str  # queued | deferred | active | failed | held
     sender: str
     recipients: list[str]
     size: int
@@ -52,7 +52,7 @@ def _iso(ts: float) -> str:
 
 def _locate_all(spool: Spool) -> list[Located]:
     out = []
-    for directory in (OUTGOING, ACTIVE, FAILED):
+    for directory in (OUTGOING, ACTIVE, HOLD, FAILED):
         for name in sorted(os.listdir(spool.dir(directory))):
             if name.startswith("."):
                 continue
@@ -84,7 +84,7 @@ def describe(spool: Spool, loc: Located) -> Info:
     if loc.directory == OUTGOING:
         kind = "deferred" if loc.entry.attempts else "queued"
     else:
-        kind = "active" if loc.directory == ACTIVE else "failed"
+        kind = {ACTIVE: "active", HOLD: "held", FAILED: "failed"}[loc.directory]
     e = loc.entry
     return Info(
         id=e.id,
@@ -122,7 +122,11 @@ def message_path(spool: Spool, qid: str) -> tuple[Info, Path, int]:
 
 def delete(spool: Spool, qid: str) -> None:
     """Remove a message that is not being sent right now."""
-    loc = locate(spool, qid)
+    _delete(spool, locate(spool, qid))
+
+
+def _delete(spool: Spool, loc: Located) -> None:
+    qid = loc.entry.id
     if loc.directory == ACTIVE:
         raise MessageBusy(f"{qid}: being delivered right now; try again when the attempt is over")
     doomed = spool.dir(TMP) / f".deleted.{loc.name}"
@@ -136,11 +140,52 @@ def delete(spool: Spool, qid: str) -> None:
         os.unlink(spool.dir("meta") / f"{qid}.json")
 
 
+def delete_failed(spool: Spool) -> int:
+    """Remove every message in failed/."""
+    n = 0
+    for loc in _locate_all(spool):
+        if loc.directory == FAILED:
+            with contextlib.suppress(MessageBusy, FileNotFoundError):
+                _delete(spool, loc)
+                n += 1
+    return n
+
+
+def hold(spool: Spool, qid: str) -> bool:
+    """Keep a message from being sent until released (False if already held)."""
+    loc = locate(spool, qid)
+    if loc.directory == HOLD:
+        return False
+    if loc.directory != OUTGOING:
+        raise MessageBusy(f"{qid}: is {'being delivered right now' if loc.directory == ACTIVE else 'failed'}")
+    _move(spool, loc, HOLD, loc.name)
+    return True
+
+
+def release(spool: Spool, qid: str) -> bool:
+    """Give a held message back to the queue, due as it was."""
+    loc = locate(spool, qid)
+    if loc.directory != HOLD:
+        return False
+    _move(spool, loc, OUTGOING, loc.name)
+    return True
+
+
+def _move(spool: Spool, loc: Located, directory: str, name: str) -> None:
+    try:
+        os.rename(loc.path(spool), spool.dir(directory) / name)
+    except FileNotFoundError:
+        raise MessageBusy(f"{loc.entry.id}: was claimed for delivery just now; try again") from None
+    fsync_dir(spool.dir(directory))
+
+
 def retry(spool: Spool, qid: str) -> bool:
     """Make one message due now (a failed one goes back for its failed recipients)."""
     loc = locate(spool, qid)
     if loc.directory == ACTIVE:
         raise MessageBusy(f"{qid}: being delivered right now")
+    if loc.directory == HOLD:
+        raise MessageBusy(f"{qid}: is on hold; release it first")
     return _retry(spool, loc)
 
 
@@ -158,9 +203,5 @@ def _retry(spool: Spool, loc: Located) -> bool:
         state.recipients = {r: s for r, s in state.recipients.items() if s != "failed"}
         state.bounced = []
         spool.write_state(e.id, state)
-    try:
-        os.rename(loc.path(spool), spool.dir(OUTGOING) / format_name(e.id, e.attempts, 0))
-    except FileNotFoundError:
-        raise MessageBusy(f"{e.id}: was claimed for delivery just now") from None
-    fsync_dir(spool.dir(OUTGOING))
+    _move(spool, loc, OUTGOING, format_name(e.id, e.attempts, 0))
     return True

@@ -166,13 +166,42 @@ def queue_show(config_path: str | None, qid: str) -> None:
 
 @queue.command("delete")
 @config_option
-@click.argument("qid")
-def queue_delete(config_path: str | None, qid: str) -> None:
-    """Remove a message (not while it is being sent)."""
+@click.argument("qid", required=False)
+@click.option("--all-failed", "all_failed", is_flag=True, help="every message in failed/")
+def queue_delete(config_path: str | None, qid: str | None, all_failed: bool) -> None:
+    """Remove a message (not while it is being sent), or --all-failed."""
     from greenmail import admin
 
-    _queue_call(config_path, admin.delete, qid)
-    click.echo(f"{qid}: deleted")
+    if bool(qid) == all_failed:
+        fail("queue delete: give a queue id or --all-failed", EX_USAGE)
+    if all_failed:
+        n = _queue_call(config_path, admin.delete_failed)
+        click.echo(f"{n} failed message{'s' if n != 1 else ''} deleted")
+    else:
+        _queue_call(config_path, admin.delete, qid)
+        click.echo(f"{qid}: deleted")
+
+
+@queue.command("hold")
+@config_option
+@click.argument("qid")
+def queue_hold(config_path: str | None, qid: str) -> None:
+    """Keep a queued message from being sent until released."""
+    from greenmail import admin
+
+    changed = _queue_call(config_path, admin.hold, qid)
+    click.echo(f"{qid}: {'held' if changed else 'already held'}")
+
+
+@queue.command("release")
+@config_option
+@click.argument("qid")
+def queue_release(config_path: str | None, qid: str) -> None:
+    """Give a held message back to the queue."""
+    from greenmail import admin
+
+    changed = _queue_call(config_path, admin.release, qid)
+    click.echo(f"{qid}: {'released' if changed else 'was not held'}")
 
 
 @queue.command("retry")
@@ -219,3 +248,49 @@ def sink(listen: str, maildir: str) -> None:
         gevent.signal_handler(sig, stop.set)
     stop.wait()
     server.stop(timeout=2)
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def sendmail(ctx: click.Context, argv: tuple[str, ...]) -> None:
+    """The /usr/sbin/sendmail interface (-t -f -F -i -bp -q; recipients as arguments)."""
+    from greenmail import sendmail as sm
+    from greenmail.errors import AddressError, EnqueueError
+
+    try:
+        opts = sm.parse(list(argv))
+    except sm.UsageError as e:
+        fail(f"sendmail: {e}", EX_USAGE)
+    if opts.mode == "list":
+        ctx.invoke(queue_list, config_path=opts.config, as_json=False)
+        return
+    if opts.mode == "queue":
+        ctx.invoke(run, config_path=opts.config, once=True, verbose=False)
+        return
+    cfg = load_config(opts.config)
+    try:
+        sender, rcpts, message = sm.prepare(opts, sm.read_message(sys.stdin.buffer, opts.dot_ends))
+        spool = open_spool(cfg)
+        spool.enqueue(sender, rcpts, message)
+    except sm.UsageError as e:
+        fail(f"sendmail: {e}", EX_USAGE)
+    except (AddressError, sm.DataError) as e:
+        fail(f"sendmail: {e}", EX_DATAERR)
+    except EnqueueError as e:
+        fail(f"sendmail: {e}", EX_TEMPFAIL)
+
+
+def entry() -> None:
+    """Console entry point; invoked as ``sendmail`` (a symlink) it is ``greenmail sendmail``."""
+    import os
+
+    if os.path.basename(sys.argv[0]) == "sendmail":
+        main(args=["sendmail", *sys.argv[1:]], prog_name="sendmail")
+    elif os.path.basename(sys.argv[0]) == "mailq":
+        main(args=["queue", "list", *sys.argv[1:]], prog_name="mailq")
+    else:
+        main(prog_name="greenmail")

@@ -40,16 +40,17 @@ from greenmail.queuefile import (
 
 log = logging.getLogger("greenmail.spool")
 
-TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, META, OWNERS = (
+TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, HOLD, META, OWNERS = (
     "tmp",
     "outgoing",
     "outgoing_active",
     "failed",
     "corrupt",
+    "hold",
     "meta",
     "owners",
 )
-DIRS = (TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, META, OWNERS)
+DIRS = (TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, HOLD, META, OWNERS)
 CHUNK = 64 * 1024
 STALE_TMP = 86400
 
