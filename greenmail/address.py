@@ -30,7 +30,11 @@ def check(addr: str, *, null_ok: bool = False) -> str:
     local, at, domain = addr.rpartition("@")
     if not at or not local or not domain:
         raise AddressError(f"address {addr!r} is not of the form local@domain")
-    if len(addr.encode("utf-8")) > MAX_LENGTH:
+    try:
+        size = len(addr.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise AddressError(f"address {addr!r} is not valid UTF-8") from None
+    if size > MAX_LENGTH:
         raise AddressError(f"address {addr[:40]!r}... is longer than {MAX_LENGTH} octets")
     return addr
 

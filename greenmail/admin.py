@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from greenmail.errors import CorruptQueueFile, MessageBusy, NotFound
-from greenmail.queuefile import Entry, format_name, parse_name, read_envelope
+from greenmail.queuefile import Entry, State, format_name, parse_name, read_envelope
 from greenmail.spool import ACTIVE, FAILED, HOLD, OUTGOING, TMP, Spool, fsync_dir
 
 
@@ -57,6 +57,8 @@ def _locate_all(spool: Spool) -> list[Located]:
             if name.startswith("."):
                 continue
             entry = parse_name(name.rpartition("@")[0] if directory == ACTIVE else name)
+            if entry is None and directory == OUTGOING:
+                entry = Entry(name, name)  # dropped in by another program, not yet renamed
             if entry is not None:
                 out.append(Located(directory, name, entry))
     return out
@@ -79,7 +81,10 @@ def describe(spool: Spool, loc: Located) -> Info:
         except CorruptQueueFile as e:
             sender, rcpts, size = "", [], st.st_size
             error: str | None = f"unreadable: {e}"
-    state = spool.read_state(loc.entry.id)
+    try:
+        state = spool.read_state(loc.entry.id)
+    except CorruptQueueFile as e:
+        state = State(last_error=f"meta/{loc.entry.id}.json: {e}")
     error = state.last_error if rcpts else error
     if loc.directory == OUTGOING:
         kind = "deferred" if loc.entry.attempts else "queued"

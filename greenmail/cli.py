@@ -56,12 +56,18 @@ def open_spool(cfg: Config) -> Any:
     return spool
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s greenmail[%(process)d]: %(levelname)s %(message)s",
-    )
+def setup_logging(verbose: bool = False, fmt: str = "text", config: Config | None = None) -> None:
+    """Logging to stderr in ``fmt`` (text or json); with ``config``, log the configuration line."""
+    from greenmail import logfmt
+
+    logfmt.setup(fmt, verbose)
+    if config is not None:
+        settings = logfmt.redact(logfmt.flatten(config))
+        logging.getLogger("greenmail").info(
+            "configuration: %s",
+            " ".join(f"{k}={v}" for k, v in settings.items()),
+            extra={"fields": {"event": "config", "config": settings}},
+        )
 
 
 @click.group()
@@ -78,6 +84,8 @@ def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -
     """Read one message on stdin, spool it, print its queue id."""
     from greenmail.errors import AddressError, EnqueueError
 
+    if not sender:  # the null sender is written '<>'; an empty --from is a mistake
+        fail("invalid address: empty address (use '<>' for the null sender)", EX_USAGE)
     cfg = load_config(config_path)
     spool = open_spool(cfg)
     try:
@@ -93,10 +101,17 @@ def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -
 @config_option
 @click.option("--once", is_flag=True, help="give every due message one attempt, then exit")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
-def run(config_path: str | None, once: bool, verbose: bool) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="log lines as text (Postfix style) or one JSON object per line",
+)
+def run(config_path: str | None, once: bool, verbose: bool, log_format: str) -> None:
     """Run the delivery daemon in the foreground (logs to stderr)."""
     cfg = load_config(config_path)
-    setup_logging(verbose)
+    setup_logging(verbose, log_format, cfg)
     from greenmail.daemon import Daemon
     from greenmail.errors import GreenmailError
 
@@ -225,8 +240,9 @@ def queue_retry(config_path: str | None, qid: str | None, retry_all: bool) -> No
 @main.command()
 @click.option("--listen", default="127.0.0.1:2525", show_default=True, help="HOST:PORT to accept SMTP on")
 @click.option("--maildir", required=True, type=click.Path(file_okay=False), help="messages go to DIR/new/")
-def sink(listen: str, maildir: str) -> None:
-    """A development SMTP receiver that stores every message it accepts."""
+@config_option
+def sink(listen: str, maildir: str, config_path: str | None) -> None:
+    """A development SMTP receiver that stores every message it accepts (needs no --config)."""
     setup_logging()
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():

@@ -48,6 +48,20 @@ def offload(fn: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None =
         raise
 
 
+def shielded(fn: Any, *args: Any) -> Any:
+    """Run ``fn`` in its own greenlet; a kill of the caller waits for it to finish.
+
+    Settling a claim (bounce, state, rename, counters) is one step: killed
+    half-way it would leave the counters, the bounce and the file out of step.
+    """
+    g = gevent.spawn(fn, *args)
+    try:
+        return g.get()
+    except GreenletExit:
+        g.join()
+        raise
+
+
 class Daemon:
     def __init__(self, config: Config, once: bool = False) -> None:
         self.cfg = config
@@ -56,7 +70,13 @@ class Daemon:
         self.spool = Spool(config.spool.path)
         self.helo = config.relay.helo or socket.getfqdn()
         self.outbox = Outbox(
-            self.spool, config.retry, self.metrics, offload, hostname=self.helo, relay=config.relay.host
+            self.spool,
+            config.retry,
+            self.metrics,
+            offload,
+            hostname=self.helo,
+            relay=config.relay.host,
+            shield=shielded,
         )
         self.scheduler = Scheduler(config, self.spool, self.outbox, self.metrics, self._new_session)
         self.http: WSGIServer | None = None
@@ -68,6 +88,8 @@ class Daemon:
 
     def run(self) -> int:
         """Run until stopped (or, with --once, until the pass is over); the exit code."""
+        for sig in (signal.SIGTERM, signal.SIGINT):  # first: a signal now still stops cleanly
+            gevent.signal_handler(sig, self._on_signal, sig)
         self.spool.ensure()
         offload(self.spool.lock_owner)
         try:
@@ -77,9 +99,8 @@ class Daemon:
                 self.spool.path, self.cfg.relay.host, self.cfg.relay.port,
                 self.cfg.delivery.max_connections, self.cfg.delivery.check_interval,
                 f", {moved} claims of dead daemons returned" if moved else "",
+                extra={"fields": {"event": "start"}},
             )  # fmt: skip
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                gevent.signal_handler(sig, self._on_signal, sig)
             if not self.once:
                 self._start_http()
             self._start(("once", self._run_once) if self.once else ("scheduler", self.scheduler.run))
@@ -92,9 +113,11 @@ class Daemon:
                 self.http.stop(timeout=1)
             offload(self.spool.unlock_owner)
         if self._fatal is not None:
-            log.critical("greenmail stopped after a fatal error: %r", self._fatal)
+            log.critical(
+                "greenmail stopped after a fatal error: %r", self._fatal, extra={"fields": {"event": "stop"}}
+            )
             return 1
-        log.info("greenmail stopped")
+        log.info("greenmail stopped", extra={"fields": {"event": "stop"}})
         return 0
 
     def _on_signal(self, sig: int) -> None:

@@ -1,22 +1,25 @@
 """Metric objects and the HTTP app that serves them.
 
 Owns: every greenmail_* family of the contract, defined once on the
-project's own registry with each enumerated label value present at 0 from
-start-up; the WSGI app for /metrics and /healthz.
+project's own registry (plus the process and GC collectors) with each
+enumerated label value present at 0 from start-up; SpoolGauges, the spool
+gauges as the queue moves messages (no disk is read during a scrape); the
+WSGI app for /metrics and /healthz.
 Must not touch: delivery logic, the spool, sockets (the daemon serves the app).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.gc_collector import GCCollector
@@ -25,6 +28,8 @@ from prometheus_client.process_collector import ProcessCollector
 from greenmail import __version__
 from greenmail.protocol import STAGES
 
+# The classic text format, what generate_latest writes (prometheus_client >= 0.22 calls 1.0.0 "latest").
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUEUE_REASONS = ("temporary", "timeout", "connection", "protocol", "shutdown")
 RESULTS = ("delivered", "deferred", "failed")
 CONNECT_RESULTS = ("ok", "refused", "timeout", "error")
@@ -52,6 +57,7 @@ class Metrics:
     """All of greenmail's metrics on one registry."""
 
     def __init__(self, max_connections: int = 0) -> None:
+        disable_created_metrics()  # no *_created series: half the output, queried by nothing
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
         GCCollector(registry=r)
@@ -105,10 +111,87 @@ class Metrics:
         _preset(self.scans, "trigger", SCAN_TRIGGERS)
 
     def reply(self, stage: str, code: int | None) -> None:
-        self.replies.labels(stage=stage, code=str(code) if code else "other").inc()
+        """Count a reply; ``None`` (or anything not 3 digits) is an unparseable one."""
+        label = str(code) if code is not None and 100 <= code <= 999 else "other"
+        self.replies.labels(stage=stage, code=label).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SpoolGauges:
+    """greenmail_spool_messages and the oldest-message timestamp, kept as messages move.
+
+    The queue calls one method per event (indexed, claimed, dropped, settled),
+    so the gauges change the moment a message does; ``listed`` resyncs the
+    active/failed counts from a directory listing at each periodic check
+    (claims of other daemons, deletions by ``greenmail queue``). Every call is
+    O(log n) at most: the oldest timestamp is a heap with lazy deletion.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._n = dict.fromkeys(SPOOL_STATES, 0)
+        self._live: dict[str, float] = {}  # id -> enqueue time, for messages not yet settled
+        self._claimed: dict[str, float] = {}  # the subset claimed by our sessions
+        self._heap: list[tuple[float, str]] = []
+
+    def reindex(self) -> None:
+        """The queue is about to re-index outgoing/ from scratch."""
+        self._n["queued"] = self._n["deferred"] = 0
+        self._live = dict(self._claimed)
+        self._heap = [(t, q) for q, t in self._live.items()]
+        heapq.heapify(self._heap)
+        self._publish()
+
+    def indexed(self, qid: str, deferred: bool, enqueued: float | None) -> None:
+        """A message waiting in outgoing/ entered the index."""
+        self._n["deferred" if deferred else "queued"] += 1
+        if enqueued and qid not in self._live:
+            self._live[qid] = enqueued
+            heapq.heappush(self._heap, (enqueued, qid))
+        self._publish()
+
+    def claimed(self, qid: str, deferred: bool) -> None:
+        """A session took an indexed message."""
+        self._n["deferred" if deferred else "queued"] -= 1
+        self._n["active"] += 1
+        if qid in self._live:
+            self._claimed[qid] = self._live[qid]
+        self._publish()
+
+    def dropped(self, qid: str, deferred: bool) -> None:
+        """An indexed message vanished (claimed elsewhere, deleted, corrupt)."""
+        self._n["deferred" if deferred else "queued"] -= 1
+        self._forget(qid)
+        self._publish()
+
+    def settled(self, qid: str, result: str) -> None:
+        """A claim ended: delivered, failed, or back to outgoing/ (deferred, released)."""
+        self._n["active"] -= 1
+        self._claimed.pop(qid, None)
+        if result == "failed":
+            self._n["failed"] += 1
+        if result in ("delivered", "failed"):
+            self._forget(qid)
+        self._publish()
+
+    def listed(self, active: int, failed: int) -> None:
+        """Resync from a listing of outgoing_active/ and failed/."""
+        self._n["active"], self._n["failed"] = active, failed
+        self._publish()
+
+    def _forget(self, qid: str) -> None:
+        self._live.pop(qid, None)
+        self._claimed.pop(qid, None)
+
+    def _publish(self) -> None:
+        heap, live = self._heap, self._live
+        while heap and live.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        for state, n in self._n.items():
+            self._metrics.spool.labels(state=state).set(max(0, n))
+        self._metrics.oldest.set(heap[0][0] if heap else 0)
 
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
@@ -121,7 +204,7 @@ def wsgi_app(metrics: Metrics, healthy: Callable[[], tuple[bool, str]]) -> Calla
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
             body = metrics.render()
-            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE)])
             return [body]
         if path == "/healthz":
             ok, why = healthy()

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from greenmail import bounce
 from greenmail.config import RetryConfig
 from greenmail.errors import CorruptQueueFile
-from greenmail.metrics import Metrics
+from greenmail.metrics import Metrics, SpoolGauges
 from greenmail.queuefile import HOST, Entry, id_time
 from greenmail.spool import ACTIVE, FAILED, Claim, Spool
 
@@ -38,6 +38,10 @@ def direct(fn: Callable[..., T], args: tuple[Any, ...] = (), kwargs: dict[str, A
     return fn(*args, **(kwargs or {}))
 
 
+def direct_call(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
+
+
 class Outbox:
     def __init__(
         self,
@@ -46,6 +50,7 @@ class Outbox:
         metrics: Metrics,
         offload: Offload = direct,
         clock: Callable[[], float] = time.time,
+        shield: Callable[..., Any] = direct_call,
         hostname: str = HOST,
         relay: str | None = None,
     ) -> None:
@@ -56,10 +61,12 @@ class Outbox:
         self.metrics = metrics
         self.offload = offload
         self.clock = clock
+        self.shield = shield  # runs a settling step so that a kill cannot cut it in half
         self._due: deque[Entry] = deque()
         self._waiting: list[tuple[int, str, Entry]] = []
         self._known: set[str] = set()
         self.stopping = False
+        self.gauges = SpoolGauges(metrics)
 
     # -- the index ---------------------------------------------------------------
 
@@ -69,6 +76,7 @@ class Outbox:
         self._due.clear()
         self._waiting = []
         self._known = set()
+        self.gauges.reindex()
         self._add(entries)
         self.metrics.scans.labels(trigger="periodic").inc()
         return self.due_count()
@@ -86,6 +94,7 @@ class Outbox:
             if e.name in self._known:
                 continue
             self._known.add(e.name)
+            self.gauges.indexed(e.id, e.attempts > 0, id_time(e.id))
             if e.due(now):
                 self._due.append(e)
             else:
@@ -113,14 +122,21 @@ class Outbox:
                 claim = self.spool.claim(entry)
             except CorruptQueueFile as e:
                 log.error("%s", e)
+                self.gauges.dropped(entry.id, entry.attempts > 0)
                 continue
             if claim is not None:
+                self.gauges.claimed(entry.id, entry.attempts > 0)
                 return claim
+            self.gauges.dropped(entry.id, entry.attempts > 0)
         return None
 
     # -- settling a claim -----------------------------------------------------------
 
     def finish(self, claim: Claim, reason: str = "temporary") -> str:
+        """Settle a claim after a transaction (shielded from kills: see ``shield``)."""
+        return self.shield(self._finish, claim, reason)
+
+    def _finish(self, claim: Claim, reason: str) -> str:
         """Settle a claim after a transaction from the recipients' state.
 
         Returns "delivered", "deferred" or "failed" (the attempt's result).
@@ -143,16 +159,17 @@ class Outbox:
             self.offload(self.spool.done, (claim,))
             result = "delivered"
         self.metrics.attempts.labels(result=result).inc()
+        self.gauges.settled(claim.id, result)
         return result
 
     def release(self, claim: Claim, reason: str) -> None:
-        """Put a claim back untouched (connection lost, shutdown), due as before.
+        """Put a claim back (shutdown: untouched, due as before; else with backoff)."""
+        self.shield(self._release, claim, reason)
 
-        A connection-level failure is not the message's fault, so it is not
-        counted as an attempt; shutdown neither.
-        """
+    def _release(self, claim: Claim, reason: str) -> None:
         claim.settled = True
         self._requeue(claim, reason, attempt=reason != "shutdown")
+        self.gauges.settled(claim.id, "released")
 
     def _requeue(self, claim: Claim, reason: str, attempt: bool) -> None:
         if attempt:
@@ -228,18 +245,8 @@ class Outbox:
     # -- gauges -------------------------------------------------------------------
 
     def update_gauges(self) -> None:
-        """Spool gauges from the index and a listing of active/ and failed/."""
-        active, failed = self.offload(_count_dirs, (self.spool,))
-        deferred = sum(1 for _, _, e in self._waiting if e.attempts) + sum(1 for e in self._due if e.attempts)
-        queued = len(self._due) + len(self._waiting) - deferred
-        m = self.metrics.spool
-        m.labels(state="queued").set(queued)
-        m.labels(state="deferred").set(deferred)
-        m.labels(state="active").set(active)
-        m.labels(state="failed").set(failed)
-        times = [id_time(e.id) for e in self._due] + [id_time(w[2].id) for w in self._waiting]
-        known = [t for t in times if t]
-        self.metrics.oldest.set(min(known) if known else 0)
+        """Resync the active/failed gauges from a listing (the rest follow every event)."""
+        self.gauges.listed(*self.offload(_count_dirs, (self.spool,)))
 
 
 def _count_dirs(spool: Spool) -> tuple[int, int]:

@@ -127,8 +127,8 @@ def added_headers(head: bytes, qid: str) -> bytes:
     if not lines:
         return b""
     out = eol.join(lines) + eol
-    if not _HEADER_LINE.match(head):
-        out += eol
+    if not _HEADER_LINE.match(head) and not head.startswith((b"\n", b"\r\n")):
+        out += eol  # the message starts with body text: keep it apart from the headers
     return out
 
 

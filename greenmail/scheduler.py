@@ -25,7 +25,8 @@ from greenmail.outbox import Outbox
 from greenmail.spool import Spool
 
 log = logging.getLogger("greenmail.scheduler")
-WAKE_POLL = 0.25  # seconds between looks at outgoing/'s mtime
+WAKE_POLL = 0.2  # seconds between looks at outgoing/'s mtime
+FORCED_WAKE = 0.8  # seconds between looks for new names even when the mtime did not change
 
 SessionFactory = Callable[[Callable[[bool], None]], Callable[[], None]]
 
@@ -81,15 +82,22 @@ class Scheduler:
         self.metrics.heartbeat.set(self.last_check)
 
     def watch(self) -> None:
-        """Wake-ups: a new file in outgoing/ is seen within WAKE_POLL seconds."""
-        seen = self.spool.outgoing_mtime()
+        """Wake-ups: a new file in outgoing/ is seen within a second.
+
+        The directory's mtime is looked at every WAKE_POLL seconds; since an
+        mtime can stay the same across a change (coarse timestamps, NFS
+        attribute caches, two renames in one tick), new names are also
+        looked for at least every FORCED_WAKE seconds.
+        """
+        seen = None
+        last = 0.0
         while not self.stopping:
-            gevent.sleep(WAKE_POLL)
             now = self.spool.outgoing_mtime()
-            if now != seen:
-                seen = now
+            if now != seen or time.monotonic() - last >= FORCED_WAKE:
+                seen, last = now, time.monotonic()
                 self.outbox.wakeup()
                 self.fill()
+            gevent.sleep(WAKE_POLL)
 
     def stop(self) -> None:
         self.stopping = True

@@ -54,7 +54,9 @@ def parse(argv: list[str]) -> Options:
             break
         if not arg.startswith("-") or arg == "-":
             o.recipients.append(arg)
-        elif arg in ("-f", "-r", "-F", "-C") or arg in _IGNORED_WITH_ARG:
+        elif arg.startswith("--config="):
+            o.config = arg.split("=", 1)[1]
+        elif arg in ("-f", "-r", "-F", "-C", "--config") or arg in _IGNORED_WITH_ARG:
             value = next(args, None)
             if value is None:
                 raise UsageError(f"option {arg} needs an argument")
@@ -71,7 +73,7 @@ def _set(o: Options, opt: str, value: str) -> None:
         o.sender = value
     elif opt == "-F":
         o.full_name = value
-    elif opt == "-C":
+    elif opt in ("-C", "--config"):
         o.config = value
 
 

@@ -68,6 +68,8 @@ class Session:
                 self._greet()
             except SmtpError as e:
                 log.warning("connect to %s: %s", self.relay, e)
+                if isinstance(e, RelayRefused):
+                    self._quit()
                 self.on_greeted(False)
                 return
             self._deliver_all()
@@ -144,6 +146,9 @@ class Session:
     def _deliver(self, claim: Claim) -> bool:
         """One message; True when the connection is fit for the next one."""
         try:
+            if not claim.state.pending(claim.envelope):  # settled before a crash: nothing to send
+                self.outbox.finish(claim, "temporary")
+                return True
             try:
                 txn = self._transactions(claim)
             except SmtpError as e:
@@ -151,6 +156,8 @@ class Session:
                 return False
             self.outbox.finish(claim, "temporary")
         except BaseException as e:
+            if self._mid_message:
+                log.warning("%s: stopped while waiting for the final reply: may be delivered twice", claim.id)
             if not claim.settled:
                 reason = "shutdown" if isinstance(e, GreenletExit) else "connection"
                 if reason != "shutdown":
@@ -187,6 +194,7 @@ class Session:
         if not txn.on_data(self._command(b"DATA\r\n", Stage.DATA, self.t.data_init)):
             return
         self.metrics.stage_reached.labels(stage="message").inc()
+        self._nothing_ahead("message")
         stuffer = wire.DotStuffer()
         with claim.open_body() as f:
             while chunk := f.read(CHUNK):
@@ -263,8 +271,18 @@ class Session:
     def _command(self, line: bytes, stage: Stage, timeout: float, count: bool = True) -> wire.Reply:
         if count:
             self.metrics.stage_reached.labels(stage=stage.label).inc()
+        self._nothing_ahead(stage.label)
         self._send(line, stage.label, self.t.command)
         return self._read(stage if count else None, timeout)
+
+    def _nothing_ahead(self, label: str) -> None:
+        """Without pipelining, a reply that came before its command is a protocol error.
+
+        Otherwise a stray early "250" would be taken for the answer to the
+        next command, e.g. a rejected message for a delivered one.
+        """
+        if self.parser.pending:
+            raise ProtocolError("the relay sent a reply ahead of the command", label)
 
     def _send(self, data: bytes, label: str, timeout: float) -> None:
         assert self.sock is not None

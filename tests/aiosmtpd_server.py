@@ -20,8 +20,8 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import re
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +183,92 @@ def start_relay(tmp: Path, name: str = "relay", port: int | None = None, delay_d
 
     port = port or support.free_port()
     return Relay(port, tmp / name, tmp / f"{name}.log", delay_data)
+
+
+# -- spool and daemon helpers shared by tests/e2e ------------------------------------------
+
+
+@dataclass
+class Queued:
+    """A queue file as it lies in the spool: its envelope lines and the message after them."""
+
+    name: str
+    sender: str
+    recipients: list[str]
+    body: bytes
+
+    @property
+    def message_id(self) -> str | None:
+        m = _MESSAGE_ID.search(self.body)
+        return m.group(1).decode() if m else None
+
+
+def read_queue_file(path: Path) -> Queued:
+    sender, rcpts, body = path.read_bytes().split(b"\n", 2)
+    return Queued(path.name, sender.rstrip(b"\r").decode(), rcpts.rstrip(b"\r").decode().split(","), body)
+
+
+def queued(spool: Path, sub: str = "outgoing") -> dict[str, Queued]:
+    """Every queue file in spool/sub, by file name."""
+    d = spool / sub
+    if not d.exists():
+        return {}
+    return {n: read_queue_file(d / n) for n in sorted(os.listdir(d)) if not n.startswith(".")}
+
+
+def drop(spool: Path, name: str, body: bytes, sender: str = "app@example.org", *rcpts: str) -> None:
+    """Enqueue the way any other program may: write into tmp/, rename into outgoing/."""
+    tmp = spool / "tmp" / f".drop-{name}"
+    envelope = f"{sender}\n{','.join(rcpts or ('rcpt@example.net',))}\n".encode()
+    tmp.write_bytes(envelope + body)
+    os.rename(tmp, spool / "outgoing" / name)
+
+
+def numbered(i: int, tag: str = "bulk") -> bytes:
+    return (
+        f"From: app@example.org\r\nTo: rcpt@example.net\r\nSubject: {tag} {i}\r\n"
+        f"Message-ID: <{tag}-{i}@test>\r\n\r\nmessage number {i}\r\n.dot line {i}\r\n"
+    ).encode()
+
+
+def drop_many(spool: Path, n: int, tag: str = "bulk") -> set[str]:
+    """``n`` numbered messages dropped into outgoing/; their Message-IDs."""
+    for d in ("tmp", "outgoing"):
+        (spool / d).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        drop(spool, f"{tag}-{i:04d}", numbered(i, tag))
+    return {f"<{tag}-{i}@test>" for i in range(n)}
+
+
+def start_daemon(config: Path, log: Path, *extra: str, metrics_port: int | None = None):  # noqa: ANN201
+    """``greenmail run`` started and ready: its metrics port open (when given), else its start line logged.
+
+    The metrics server starts after the signal handlers are installed, so a
+    daemon whose port is open is safe to signal.
+    """
+    import support
+
+    p = support.daemon(config, log, *extra)
+
+    def ready() -> bool:
+        if p.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {p.proc.returncode}: {p.text()}")
+        if metrics_port is None:
+            return "greenmail started" in p.text()
+        try:
+            import socket
+
+            socket.create_connection(("127.0.0.1", metrics_port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    try:
+        support.wait_until(ready, 15, what="the daemon to start")
+    except BaseException:
+        p.stop()
+        raise
+    return p
 
 
 if __name__ == "__main__":
