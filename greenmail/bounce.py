@@ -10,14 +10,16 @@ Must not touch: the spool (the outbox enqueues what this builds), sockets.
 from __future__ import annotations
 
 import email.utils
+import io
 import re
 import secrets
 from dataclasses import dataclass
+from email.generator import BytesGenerator
 from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from email.policy import SMTP
+from email.policy import SMTPUTF8
 
 MAX_HEADERS = 64 * 1024  # how much of the original header block is quoted
 _STATUS = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
@@ -64,10 +66,15 @@ def build(
     text = _human(reporting_mta, queue_id, failures, action)
     report.attach(MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8"))
     report.attach(_status_part(reporting_mta, queue_id, arrival, failures, action))
-    headers = MIMEBase("text", "rfc822-headers")
-    headers.set_payload(original_headers[:MAX_HEADERS].decode("utf-8", "replace"))
+    quoted = original_headers[:MAX_HEADERS]
+    headers = MIMEBase("text", "rfc822-headers", **({} if quoted.isascii() else {"charset": "utf-8"}))
+    headers.set_payload(quoted.decode("ascii", "surrogateescape"))  # the original bytes, as they were
+    if not quoted.isascii():
+        headers["Content-Transfer-Encoding"] = "8bit"
     report.attach(headers)
-    return report.as_bytes(policy=SMTP)
+    out = io.BytesIO()
+    BytesGenerator(out, policy=SMTPUTF8).flatten(report)  # UTF-8 addresses and replies stay readable
+    return out.getvalue()
 
 
 def _human(mta: str, qid: str, failures: list[Failure], action: str) -> str:
@@ -118,5 +125,5 @@ def original_headers(path: str, offset: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         head = f.read(MAX_HEADERS)
-    end = re.search(rb"\r?\n\r?\n", head)
-    return head[: end.start() + 1] if end else head
+    end = re.search(rb"\r?\n(\r?\n)", head)
+    return head[: end.start(1)] if end else head

@@ -62,10 +62,10 @@ def setup_logging(verbose: bool = False, fmt: str = "text", config: Config | Non
 
     logfmt.setup(fmt, verbose)
     if config is not None:
-        settings = logfmt.redact(logfmt.flatten(config))
+        settings = logfmt.settings(config)
         logging.getLogger("greenmail").info(
             "configuration: %s",
-            " ".join(f"{k}={v}" for k, v in settings.items()),
+            logfmt.settings_text(settings),
             extra={"fields": {"event": "config", "config": settings}},
         )
 
@@ -113,10 +113,12 @@ def run(config_path: str | None, once: bool, verbose: bool, log_format: str) -> 
     cfg = load_config(config_path)
     setup_logging(verbose, log_format, cfg)
     from greenmail.daemon import Daemon
-    from greenmail.errors import GreenmailError
+    from greenmail.errors import ConfigError, GreenmailError
 
     try:
         code = Daemon(cfg, once=once).run()
+    except ConfigError as e:
+        fail(f"configuration error: {e}", EX_CONFIG)
     except GreenmailError as e:
         fail(str(e), EX_CANTCREAT)
     except OSError as e:

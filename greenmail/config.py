@@ -8,6 +8,7 @@ Must not touch: the spool, sockets, gevent.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable
@@ -26,11 +27,73 @@ class SpoolConfig:
     path: Path
 
 
+TLS_MODES = ("starttls", "opportunistic", "implicit", "none")
+AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     host: str = "127.0.0.1"
     port: int = 25
+    hosts: tuple[str, ...] = ()  # "host:port" relays tried in order, instead of host/port
     helo: str | None = None  # None: this host's FQDN, resolved by the daemon
+    tls: str | None = None  # None: opportunistic for a loopback relay, else starttls
+    tls_verify: bool = True
+    ca_file: Path | None = None
+    tls_server_name: str | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    auth_allow_plaintext: bool = False
+    max_messages_per_connection: int = 0
+    rate_limit: float = 0
+    pipelining: bool = True
+    chunking: bool = True
+
+    @property
+    def relays(self) -> tuple[tuple[str, int], ...]:
+        """The relays to try, in order."""
+        if not self.hosts:
+            return ((self.host, self.port),)
+        return tuple(_split_host(h) for h in self.hosts)
+
+    @property
+    def tls_mode(self) -> str:
+        if self.tls:
+            return self.tls
+        return "opportunistic" if all(_loopback(h) for h, _ in self.relays) else "starttls"
+
+    def password(self) -> str | None:
+        """The AUTH password from password_file (first line) or password_env; never logged."""
+        if self.password_file is not None:
+            try:
+                lines = self.password_file.read_text().splitlines()
+            except OSError as e:
+                raise ConfigError(f"relay.password_file: cannot read it: {e.strerror}") from None
+            return lines[0] if lines else ""
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"relay.password_env: ${self.password_env} is not set")
+            return value
+        return None
+
+
+def _split_host(spec: str) -> tuple[str, int]:
+    host, _, port = spec.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -124,6 +187,28 @@ def _path(v: Any) -> str | None:
     return None
 
 
+def _choice(options: tuple[str, ...]) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in options else "expected one of " + ", ".join(f'"{o}"' for o in options)
+
+    return check
+
+
+def _host_list(v: Any) -> str | None:
+    if not isinstance(v, list) or not v:
+        return 'expected a non-empty list of "host:port" strings'
+    for item in v:
+        if not isinstance(item, str) or _listen(item) or _text(item):
+            return f'expected "host:port" strings (port 1-65535), not {item!r}'
+    return None
+
+
+def _mechanisms(v: Any) -> str | None:
+    if not isinstance(v, list) or not v or any(m not in AUTH_MECHANISMS for m in v):
+        return "expected a non-empty list from " + ", ".join(f'"{m}"' for m in AUTH_MECHANISMS)
+    return None
+
+
 def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "expected true or false"
 
@@ -141,7 +226,27 @@ def _listen(v: Any) -> str | None:
 
 SCHEMA: dict[str, dict[str, Check]] = {
     "spool": {"path": _path},
-    "relay": {"host": _text, "port": _int_range(1, 65535), "helo": _text},
+    "relay": {
+        "host": _text,
+        "port": _int_range(1, 65535),
+        "hosts": _host_list,
+        "helo": _text,
+        "tls": _choice(TLS_MODES),
+        "tls_verify": _boolean,
+        "ca_file": _path,
+        "tls_server_name": _text,
+        "tls_cert_file": _path,
+        "tls_key_file": _path,
+        "username": _text,
+        "password_file": _path,
+        "password_env": _text,
+        "auth_mechanisms": _mechanisms,
+        "auth_allow_plaintext": _boolean,
+        "max_messages_per_connection": _int_range(0, 10**9),
+        "rate_limit": _duration,
+        "pipelining": _boolean,
+        "chunking": _boolean,
+    },
     "delivery": {
         "max_connections": _int_range(1, 100000),
         "check_interval": _positive_duration,
@@ -193,13 +298,37 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Co
     path = Path(spool.get("path", "var/spool"))
     return Config(
         spool=SpoolConfig(path=path if path.is_absolute() else base / path),
-        relay=RelayConfig(**sections.get("relay", {})),
+        relay=_relay(sections.get("relay", {}), base),
         delivery=DeliveryConfig(**sections.get("delivery", {})),
         retry=RetryConfig(**sections.get("retry", {})),
         timeouts=Timeouts(**sections.get("timeouts", {})),
         metrics=MetricsConfig(**sections.get("metrics", {})),
         source=source,
     )
+
+
+RELAY_PATHS = ("ca_file", "tls_cert_file", "tls_key_file", "password_file")
+
+
+def _relay(values: dict[str, Any], base: Path) -> RelayConfig:
+    """RelayConfig with paths resolved, lists frozen, and the keys that go together checked."""
+    v = dict(values)
+    for key in RELAY_PATHS:
+        if key in v:
+            p = Path(v[key])
+            v[key] = p if p.is_absolute() else base / p
+    for key in ("hosts", "auth_mechanisms"):
+        if key in v:
+            v[key] = tuple(v[key])
+    if "hosts" in v and ("host" in v or "port" in v):
+        raise ConfigError("relay.hosts: give either hosts or host/port, not both")
+    if "username" in v and "password_file" not in v and "password_env" not in v:
+        raise ConfigError("relay.username: needs relay.password_file or relay.password_env")
+    if "password_file" in v and "password_env" in v:
+        raise ConfigError("relay.password_env: give either password_file or password_env, not both")
+    if "tls_key_file" in v and "tls_cert_file" not in v:
+        raise ConfigError("relay.tls_key_file: needs relay.tls_cert_file")
+    return RelayConfig(**v)
 
 
 def _shown(name: str) -> str:

@@ -24,10 +24,12 @@ from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
 from greenmail.config import Config
+from greenmail.connection import Transport
 from greenmail.metrics import Metrics, wsgi_app
 from greenmail.outbox import Outbox
 from greenmail.scheduler import Scheduler
 from greenmail.session import Session
+from greenmail.shaping import RateLimiter, Throttle
 from greenmail.spool import Spool
 
 log = logging.getLogger("greenmail")
@@ -75,16 +77,23 @@ class Daemon:
             self.metrics,
             offload,
             hostname=self.helo,
-            relay=config.relay.host,
+            relay=config.relay.relays[0][0],
             shield=shielded,
         )
-        self.scheduler = Scheduler(config, self.spool, self.outbox, self.metrics, self._new_session)
+        self.throttle = Throttle(config.delivery.max_connections)
+        self.limiter = RateLimiter(config.relay.rate_limit)
+        self.transport = Transport.build(
+            config.relay, config.timeouts, self.metrics, self.helo, self.throttle
+        )
+        self.scheduler = Scheduler(
+            config, self.spool, self.outbox, self.metrics, self._new_session, self.throttle
+        )
         self.http: WSGIServer | None = None
         self._stop = Event()
         self._fatal: BaseException | None = None
 
     def _new_session(self, on_greeted: Any) -> Any:
-        return Session(self.cfg, self.outbox, self.metrics, self.helo, on_greeted).run
+        return Session(self.transport, self.outbox, on_greeted, self.limiter).run
 
     def run(self) -> int:
         """Run until stopped (or, with --once, until the pass is over); the exit code."""
@@ -95,8 +104,9 @@ class Daemon:
         try:
             moved = offload(self.spool.recover)
             log.info(
-                "greenmail started: spool=%s relay=%s:%d max_connections=%d check_interval=%gs%s",
-                self.spool.path, self.cfg.relay.host, self.cfg.relay.port,
+                "greenmail started: spool=%s relay=%s tls=%s max_connections=%d check_interval=%gs%s",
+                self.spool.path, ",".join(f"{h}:{p}" for h, p in self.cfg.relay.relays),
+                self.cfg.relay.tls_mode,
                 self.cfg.delivery.max_connections, self.cfg.delivery.check_interval,
                 f", {moved} claims of dead daemons returned" if moved else "",
                 extra={"fields": {"event": "start"}},

@@ -60,7 +60,10 @@ def formatter(fmt: str) -> logging.Formatter:
 
 
 def setup(fmt: str = "text", verbose: bool = False, stream: TextIO | None = None) -> None:
-    """Send every log record to ``stream`` (stderr) in ``fmt``; DEBUG with ``verbose``, else INFO."""
+    """Send every log record to ``stream`` (stderr) in ``fmt``; DEBUG with ``verbose``, else INFO.
+
+    Python warnings go through logging too, so that with ``json`` every line is JSON.
+    """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(fmt))
     root = logging.getLogger()
@@ -68,25 +71,44 @@ def setup(fmt: str = "text", verbose: bool = False, stream: TextIO | None = None
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.captureWarnings(True)
+
+
+def settings(config: Any) -> dict[str, Any]:
+    """The configuration as flat, JSON-friendly, redacted {"section.key": value}."""
+    return redact(flatten(config))
+
+
+def settings_text(values: Mapping[str, Any]) -> str:
+    """``key=value`` pairs for the text line (lists joined with commas)."""
+    return " ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in values.items())
 
 
 def redact(values: Mapping[str, Any]) -> dict[str, Any]:
-    """A flat copy of ``values`` with every secret-looking key's value hidden (``*_file`` paths stay)."""
+    """A copy of ``values`` with every secret-looking key's value hidden.
+
+    ``*_file`` and ``*_env`` keys name where a secret is, not the secret, and stay.
+    """
     out: dict[str, Any] = {}
     for key, value in values.items():
-        secret = any(w in key.lower() for w in SECRET_WORDS) and not key.endswith("_file")
+        reference = key.endswith(("_file", "_env"))
+        secret = any(w in key.lower() for w in SECRET_WORDS) and not reference
         out[key] = "***" if secret and value else value
     return out
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """A dataclass tree (the Config) as {"section.key": value}, in declaration order."""
+    """A dataclass tree (the Config) as {"section.key": value}, in declaration order; None left out."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             out.update(flatten(value, key + "."))
+        elif isinstance(value, bool | int | float | str):
+            out[key] = value
+        elif isinstance(value, tuple | list | frozenset | set):
+            out[key] = [str(v) for v in value]
         elif value is not None:
-            out[key] = str(value) if not isinstance(value, bool | int | float) else value
+            out[key] = str(value)
     return out

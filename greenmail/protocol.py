@@ -22,6 +22,8 @@ class Stage(enum.IntEnum):
     RCPT = 3
     DATA = 4
     MESSAGE = 5
+    STARTTLS = 6  # transport stages, after the seed's 0-5
+    AUTH = 7
 
     @property
     def label(self) -> str:
@@ -37,6 +39,7 @@ class Action(enum.Enum):
     FALLBACK = "fallback"  # EHLO refused with 5xx: try HELO instead
     DEFER = "defer"  # temporary refusal of the message (or recipient)
     FAIL = "fail"  # permanent refusal of the message (or recipient)
+    CONTINUE = "continue"  # an AUTH challenge (334): answer it
     ABORT = "abort"  # the relay refuses the session itself: close, blame no message
     PROTOCOL = "protocol"  # a reply class this stage cannot have
 
@@ -61,6 +64,13 @@ TRANSITIONS: dict[tuple[Stage, int], Action] = {
     (Stage.MESSAGE, 2): Action.PROCEED,
     (Stage.MESSAGE, 4): Action.DEFER,
     (Stage.MESSAGE, 5): Action.FAIL,
+    (Stage.STARTTLS, 2): Action.PROCEED,
+    (Stage.STARTTLS, 4): Action.ABORT,
+    (Stage.STARTTLS, 5): Action.ABORT,
+    (Stage.AUTH, 2): Action.PROCEED,
+    (Stage.AUTH, 3): Action.CONTINUE,
+    (Stage.AUTH, 4): Action.ABORT,
+    (Stage.AUTH, 5): Action.ABORT,
 }
 
 # What the HELO fallback leads to: a 5xx to HELO too ends the session.
@@ -96,11 +106,23 @@ class Transaction:
     replies: dict[str, Reply] = field(default_factory=dict)
     accepted: list[str] = field(default_factory=list)
     overflow: list[str] = field(default_factory=list)  # left for the next transaction (452)
+    opened: bool = False  # MAIL was sent (so a refused transaction needs RSET)
     error: Reply | None = None
 
     def on_mail(self, reply: Reply) -> bool:
         """True to go on with RCPT."""
         return self._settle_all(Stage.MAIL, reply, self.recipients)
+
+    def refuse(self, rcpt: str, reply: Reply) -> None:
+        """Fail a recipient before any command (e.g. SMTPUTF8 missing, message too big)."""
+        self.results[rcpt] = Rcpt.FAILED
+        self.replies[rcpt] = reply
+        self.error = reply
+
+    @property
+    def to_send(self) -> list[str]:
+        """Recipients still to be given to RCPT in this transaction."""
+        return [r for r in self.recipients if r not in self.results]
 
     def on_rcpt(self, rcpt: str, reply: Reply) -> None:
         if reply.code == TOO_MANY_RECIPIENTS and self.accepted:
@@ -138,6 +160,8 @@ class Transaction:
             raise_protocol(stage, reply)
         state = Rcpt.DEFERRED if action is Action.DEFER else Rcpt.FAILED
         for rcpt in rcpts:
+            if self.results.get(rcpt) is Rcpt.FAILED and stage is Stage.MAIL:
+                continue  # refused before MAIL: keep that reason
             self.results[rcpt] = state
             self.replies[rcpt] = reply
         self.error = reply

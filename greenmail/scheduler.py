@@ -22,6 +22,7 @@ from gevent.pool import Pool
 from greenmail.config import Config
 from greenmail.metrics import Metrics
 from greenmail.outbox import Outbox
+from greenmail.shaping import Throttle
 from greenmail.spool import Spool
 
 log = logging.getLogger("greenmail.scheduler")
@@ -39,6 +40,7 @@ class Scheduler:
         outbox: Outbox,
         metrics: Metrics,
         new_session: SessionFactory,
+        throttle: Throttle | None = None,
     ) -> None:
         self.cfg = config
         self.spool = spool
@@ -46,6 +48,7 @@ class Scheduler:
         self.metrics = metrics
         self.new_session = new_session
         self.pool = Pool(config.delivery.max_connections)
+        self.throttle = throttle or Throttle(config.delivery.max_connections)
         self.stopping = False
         self.last_check = 0.0
         self._tick = Event()
@@ -110,7 +113,8 @@ class Scheduler:
         """Open sessions for due messages, within the limits; returns how many."""
         if self.stopping or self._failures >= self.cfg.delivery.connect_tries:
             return 0
-        want = min(self.outbox.due_count() - self._starting, self.pool.free_count())
+        free = min(self.pool.free_count(), self.throttle.current - len(self.pool))
+        want = min(self.outbox.due_count() - self._starting, free)
         if not self._greeted:
             want = min(want, 1 - self._probing)
         for _ in range(max(0, want)):

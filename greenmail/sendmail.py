@@ -143,6 +143,8 @@ def prepare(o: Options, message: bytes) -> tuple[str, list[str], bytes]:
         raise UsageError("no recipients specified")
     if not any(_name(f) == b"from" for f in fields):
         eol = b"\r\n" if message.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
+        if not fields and rest and not rest.startswith((b"\n", b"\r\n")):
+            rest = eol + rest  # no header section at all: the text is body, set apart
         shown = f'"{o.full_name}" <{sender}>' if o.full_name else (f"<{sender}>" if sender else "<>")
         fields.insert(0, f"From: {shown}".encode() + eol)
     if not rest and fields and not fields[-1].endswith(b"\n"):

@@ -1,10 +1,11 @@
-"""One SMTP connection, run by one greenlet.
+"""One SMTP session to the relay, run by one greenlet.
 
-Owns: connecting with a timeout, driving the stage machine of protocol.py
-over a gevent socket, taking due messages from the outbox one after another
-on the same connection, streaming each body dot-stuffed, QUIT when nothing
-is due. One try/finally per message guarantees each claim ends delivered,
-requeued or failed exactly once, whatever exception happens.
+Owns: taking due messages from the outbox one after another on one
+connection (opened, secured and authenticated by connection.py), each as a
+transaction (pipelined when the relay offers PIPELINING; the body dot-stuffed
+after DATA, or in BDAT chunks with CHUNKING), recording each recipient's
+result, QUIT when nothing is due. One try/except per message guarantees each
+claim ends delivered, requeued or failed exactly once, whatever happens.
 Must not touch: directory paths and renames (the outbox does), the schedule.
 """
 
@@ -14,26 +15,18 @@ import logging
 import time
 from collections.abc import Callable
 
-from gevent import GreenletExit, socket
+from gevent import GreenletExit
 
-from greenmail import wire
-from greenmail.config import Config
-from greenmail.errors import (
-    ConnectFailed,
-    ConnectionLost,
-    ProtocolError,
-    RelayRefused,
-    SmtpError,
-    SmtpTimeout,
-)
-from greenmail.metrics import Metrics
+from greenmail import esmtp, wire
+from greenmail.connection import Connection, Transport
+from greenmail.errors import ProtocolError, SmtpError
 from greenmail.outbox import Outbox
-from greenmail.protocol import HELO_FALLBACK, Action, Rcpt, Stage, Transaction, decide
+from greenmail.protocol import Rcpt, Stage, Transaction
+from greenmail.shaping import RateLimiter
 from greenmail.spool import Claim
 
 log = logging.getLogger("greenmail.session")
 CHUNK = 64 * 1024
-QUIT_TIMEOUT = 10.0
 
 
 class Session:
@@ -41,107 +34,55 @@ class Session:
 
     def __init__(
         self,
-        config: Config,
+        transport: Transport,
         outbox: Outbox,
-        metrics: Metrics,
-        helo: str,
         on_greeted: Callable[[bool], None] = lambda ok: None,
+        limiter: RateLimiter | None = None,
     ) -> None:
-        self.cfg = config
-        self.t = config.timeouts
+        self.tp = transport
+        self.t = transport.timeouts
         self.outbox = outbox
-        self.metrics = metrics
-        self.helo = helo
+        self.metrics = transport.metrics
         self.on_greeted = on_greeted
-        self.sock: socket.socket | None = None
-        self.parser = wire.ReplyParser()
-        self.relay = f"{config.relay.host}:{config.relay.port}"
-        self.extensions: dict[str, str] = {}
+        self.limiter = limiter
+        self.conn = Connection(transport)
         self._mid_message = False  # the final dot is sent, its reply not yet read
+
+    @property
+    def relay(self) -> str:
+        return self.conn.relay
 
     def run(self) -> None:
         started = time.monotonic()
         self.metrics.active.inc()
         try:
             try:
-                self._connect()
-                self._greet()
+                self.conn.open()
             except SmtpError as e:
                 log.warning("connect to %s: %s", self.relay, e)
-                if isinstance(e, RelayRefused):
-                    self._quit()
                 self.on_greeted(False)
                 return
             self._deliver_all()
         finally:
-            self._close()
+            self.conn.close()
             self.metrics.active.dec()
             self.metrics.session_duration.observe(time.monotonic() - started)
-
-    # -- connection ----------------------------------------------------------------
-
-    def _connect(self) -> None:
-        host, port = self.cfg.relay.host, self.cfg.relay.port
-        try:
-            self.sock = socket.create_connection((host, port), timeout=self.t.connect)
-        except TimeoutError:
-            self._connected("timeout")
-            raise ConnectFailed(f"connect timed out after {self.t.connect:g}s", "timeout") from None
-        except ConnectionRefusedError:
-            self._connected("refused")
-            raise ConnectFailed("connection refused", "refused") from None
-        except OSError as e:
-            self._connected("error")
-            raise ConnectFailed(f"cannot connect: {e}", "error") from None
-        self._connected("ok")
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ip, rport = self.sock.getpeername()[:2]
-        self.relay = f"{host}[{ip}]:{rport}"
-
-    def _connected(self, result: str) -> None:
-        self.metrics.connects.labels(result=result).inc()
-
-    def _greet(self) -> None:
-        self.metrics.stage_reached.labels(stage="banner").inc()
-        banner = self._read(Stage.BANNER, self.t.banner)
-        if decide(Stage.BANNER, banner) is not Action.PROCEED:
-            raise RelayRefused(f"relay refused the session: {banner}", "banner")
-        reply = self._command(wire.command("EHLO", self.helo), Stage.HELO, self.t.command)
-        action = decide(Stage.HELO, reply)
-        if action is Action.FALLBACK:
-            reply = self._command(wire.command("HELO", self.helo), Stage.HELO, self.t.command)
-            action = HELO_FALLBACK.get(reply.cls, Action.PROTOCOL)
-        else:
-            self.extensions = _extensions(reply)
-        if action is Action.ABORT:
-            raise RelayRefused(f"relay refused HELO: {reply}", "helo")
-        if action is not Action.PROCEED:
-            raise ProtocolError(f"unexpected reply to EHLO/HELO: {reply}", "helo")
-
-    def _close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def _quit(self) -> None:
-        try:
-            self._send(b"QUIT\r\n", "quit", QUIT_TIMEOUT)
-            self._read(None, min(self.t.command, QUIT_TIMEOUT))
-        except SmtpError:
-            pass
 
     # -- messages ----------------------------------------------------------------
 
     def _deliver_all(self) -> None:
         claim = self.outbox.take()
         self.on_greeted(True)  # after the first take: the scheduler counts due messages
-        while True:
-            if claim is None:
-                self._quit()
-                return
+        cap = self.tp.relay.max_messages_per_connection
+        sent = 0
+        while claim is not None:
             if not self._deliver(claim):
                 return
+            sent += 1
+            if cap and sent >= cap:
+                break
             claim = self.outbox.take()
+        self.conn.quit()
 
     def _deliver(self, claim: Claim) -> bool:
         """One message; True when the connection is fit for the next one."""
@@ -164,7 +105,7 @@ class Session:
                     log.error("%s: internal error, requeued: %r", claim.id, e)
                 self.outbox.release(claim, reason)
             raise
-        if txn.count(Rcpt.DELIVERED) == len(txn.recipients):
+        if txn.count(Rcpt.DELIVERED) == len(txn.recipients) or not txn.opened:
             return True
         return self._rset()
 
@@ -177,31 +118,99 @@ class Session:
 
     def _transaction(self, claim: Claim) -> Transaction:
         env = claim.envelope
+        ext = self.conn.extensions
         txn = Transaction(claim.state.pending(env))
-        reply = self._command(wire.mail_from(env.sender), Stage.MAIL, self.t.command)
-        if txn.on_mail(reply):
-            for rcpt in txn.recipients:
-                if txn.overflow:  # the relay said 452: the rest go in the next transaction
-                    txn.overflow.append(rcpt)
-                else:
-                    txn.on_rcpt(rcpt, self._command(wire.rcpt_to(rcpt), Stage.RCPT, self.t.command))
-            if txn.wants_data:
-                self._data(claim, txn)
+        utf8 = esmtp.precheck(txn, ext, claim.size, env.sender)
+        if txn.to_send:
+            eight_bit = "8BITMIME" in ext and esmtp.is_8bit(claim.path, env.body_offset)
+            params = esmtp.mail_params(ext, claim.size, eight_bit, utf8)
+            mail = wire.command("MAIL", f"FROM:<{env.sender}>{params}")
+            if self.limiter is not None:
+                self.limiter.wait()
+            txn.opened = True
+            if self.tp.relay.pipelining and "PIPELINING" in ext:
+                self._pipelined(claim, txn, mail)
+            else:
+                self._one_by_one(claim, txn, mail)
         self._apply(claim, txn)
         return txn
 
-    def _data(self, claim: Claim, txn: Transaction) -> None:
-        if not txn.on_data(self._command(b"DATA\r\n", Stage.DATA, self.t.data_init)):
+    def _chunking(self) -> bool:
+        return self.tp.relay.chunking and "CHUNKING" in self.conn.extensions
+
+    def _one_by_one(self, claim: Claim, txn: Transaction, mail: bytes) -> None:
+        if not txn.on_mail(self.conn.command(mail, Stage.MAIL, self.t.command)):
             return
+        for rcpt in txn.to_send:
+            if txn.overflow:  # the relay said 452: the rest go in the next transaction
+                txn.overflow.append(rcpt)
+            else:
+                txn.on_rcpt(rcpt, self.conn.command(wire.rcpt_to(rcpt), Stage.RCPT, self.t.command))
+        if not txn.wants_data:
+            return
+        if self._chunking():
+            self._bdat(claim, txn)
+        elif txn.on_data(self.conn.command(b"DATA\r\n", Stage.DATA, self.t.data_init)):
+            self._dot_body(claim, txn)
+
+    def _pipelined(self, claim: Claim, txn: Transaction, mail: bytes) -> None:
+        """RFC 2920: MAIL, every RCPT (and DATA) in one write; replies matched in order."""
+        rcpts = txn.to_send
+        chunking = self._chunking()
+        lines = [(mail, Stage.MAIL)] + [(wire.rcpt_to(r), Stage.RCPT) for r in rcpts]
+        if not chunking:
+            lines.append((b"DATA\r\n", Stage.DATA))
+        self.conn.send_commands(lines)
+        mail_ok = txn.on_mail(self.conn.read(Stage.MAIL, self.t.command))
+        for rcpt in rcpts:
+            reply = self.conn.read(Stage.RCPT, self.t.command)
+            if mail_ok:
+                txn.on_rcpt(rcpt, reply)
+        if chunking:
+            if mail_ok and txn.wants_data:
+                self._bdat(claim, txn)
+            return
+        reply = self.conn.read(Stage.DATA, self.t.data_init)
+        if mail_ok and txn.wants_data:
+            if txn.on_data(reply):
+                self._dot_body(claim, txn)
+        elif reply.cls == 3:  # DATA accepted with no recipient: end the empty message at once
+            self.conn.send(b".\r\n", "message", self.t.data_block)
+            self.conn.read(None, self.t.data_end)
+
+    def _dot_body(self, claim: Claim, txn: Transaction) -> None:
         self.metrics.stage_reached.labels(stage="message").inc()
-        self._nothing_ahead("message")
+        if self.conn.parser.pending:
+            raise ProtocolError("the relay sent a reply ahead of the message", "message")
         stuffer = wire.DotStuffer()
         with claim.open_body() as f:
             while chunk := f.read(CHUNK):
-                self._send(stuffer.feed(chunk), "message", self.t.data_block)
-            self._send(stuffer.finish(), "message", self.t.data_block)
+                self.conn.send(stuffer.feed(chunk), "message", self.t.data_block)
+            self.conn.send(stuffer.finish(), "message", self.t.data_block)
+        self._final_reply(txn)
+
+    def _bdat(self, claim: Claim, txn: Transaction) -> None:
+        """RFC 3030 CHUNKING: the body in BDAT chunks, line endings normalised, no dot-stuffing."""
+        self.metrics.stage_reached.labels(stage="data").inc()
+        self.metrics.stage_reached.labels(stage="message").inc()
+        norm = wire.LineNormaliser()
+        with claim.open_body() as f:
+            while raw := f.read(CHUNK):
+                data = norm.feed(raw)
+                if data:
+                    head = f"BDAT {len(data)}\r\n".encode()
+                    self.conn.send_commands([(head + data, Stage.DATA)], count=False)
+                    reply = self.conn.read(Stage.DATA, self.t.data_block)
+                    if reply.cls != 2:
+                        txn.on_message(reply)  # the relay refused the message part-way
+                        return
+            tail = norm.finish()
+            self.conn.send_commands([(f"BDAT {len(tail)} LAST\r\n".encode() + tail, Stage.DATA)], count=False)
+        self._final_reply(txn)
+
+    def _final_reply(self, txn: Transaction) -> None:
         self._mid_message = True
-        txn.on_message(self._read(Stage.MESSAGE, self.t.data_end))
+        txn.on_message(self.conn.read(Stage.MESSAGE, self.t.data_end))
         self._mid_message = False
 
     def _apply(self, claim: Claim, txn: Transaction) -> None:
@@ -235,7 +244,7 @@ class Session:
 
     def _rset(self) -> bool:
         try:
-            reply = self._command(b"RSET\r\n", Stage.MAIL, self.t.command, count=False)
+            reply = self.conn.command(b"RSET\r\n", Stage.MAIL, self.t.command, count=False)
         except SmtpError as e:
             log.info("RSET to %s failed: %s", self.relay, e)
             return False
@@ -265,64 +274,3 @@ class Session:
             fields,
             extra={"fields": {"event": "delivery", **fields}},
         )
-
-    # -- the wire ----------------------------------------------------------------
-
-    def _command(self, line: bytes, stage: Stage, timeout: float, count: bool = True) -> wire.Reply:
-        if count:
-            self.metrics.stage_reached.labels(stage=stage.label).inc()
-        self._nothing_ahead(stage.label)
-        self._send(line, stage.label, self.t.command)
-        return self._read(stage if count else None, timeout)
-
-    def _nothing_ahead(self, label: str) -> None:
-        """Without pipelining, a reply that came before its command is a protocol error.
-
-        Otherwise a stray early "250" would be taken for the answer to the
-        next command, e.g. a rejected message for a delivered one.
-        """
-        if self.parser.pending:
-            raise ProtocolError("the relay sent a reply ahead of the command", label)
-
-    def _send(self, data: bytes, label: str, timeout: float) -> None:
-        assert self.sock is not None
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.sendall(data)
-        except TimeoutError:
-            raise SmtpTimeout(f"timeout after {timeout:g}s sending", label) from None
-        except OSError as e:
-            raise ConnectionLost(f"connection lost while sending: {e}", label) from None
-
-    def _read(self, stage: Stage | None, timeout: float) -> wire.Reply:
-        assert self.sock is not None
-        label = stage.label if stage is not None else "quit"
-        deadline = time.monotonic() + timeout
-        try:
-            while (reply := self.parser.next_reply()) is None:
-                self.sock.settimeout(max(0.001, deadline - time.monotonic()))
-                data = self.sock.recv(65536)
-                if not data:
-                    raise ConnectionLost("connection closed by the relay", label)
-                self.parser.feed(data)
-        except TimeoutError:
-            raise SmtpTimeout(f"timeout after {timeout:g}s waiting for the {label} reply", label) from None
-        except ProtocolError as e:
-            if stage is not None:
-                self.metrics.reply(stage.label, None)
-            raise ProtocolError(str(e), label) from None
-        except OSError as e:
-            raise ConnectionLost(f"connection lost: {e}", label) from None
-        if stage is not None:
-            self.metrics.reply(stage.label, reply.code)
-        return reply
-
-
-def _extensions(reply: wire.Reply) -> dict[str, str]:
-    """EHLO keywords (upper case) and their parameters, from the lines after the first."""
-    out = {}
-    for line in reply.lines[1:]:
-        keyword, _, params = line.partition(" ")
-        if keyword:
-            out[keyword.upper()] = params
-    return out

@@ -127,12 +127,11 @@ def rcpt_to(recipient: str) -> bytes:
     return command("RCPT", f"TO:<{recipient}>")
 
 
-class DotStuffer:
-    """Streams a message body onto the wire for DATA.
+class LineNormaliser:
+    """Streams a message body with CR, LF and CRLF all made CRLF (for BDAT).
 
-    Bare CR, bare LF and CRLF all become CRLF; a line starting with "." gets
-    another "."; state is kept across chunks, so any chunking of the input
-    gives the same output. ``finish()`` ends the last line and adds ".".
+    State is kept across chunks, so any chunking of the input gives the same
+    output. ``finish()`` ends an unterminated last line.
     """
 
     def __init__(self) -> None:
@@ -148,10 +147,11 @@ class DotStuffer:
             self._held_cr = True
         if not chunk:
             return b""
-        out = _EOL.sub(b"\r\n", chunk).replace(b"\r\n.", b"\r\n..")
-        if self._line_start and out.startswith(b"."):
-            out = b"." + out
+        out = self._transform(_EOL.sub(b"\r\n", chunk))
         self._line_start = out.endswith(b"\r\n")
+        return out
+
+    def _transform(self, out: bytes) -> bytes:
         return out
 
     def finish(self) -> bytes:
@@ -163,7 +163,22 @@ class DotStuffer:
         if not self._line_start:
             tail += b"\r\n"
             self._line_start = True
-        return tail + b".\r\n"
+        return tail
+
+
+class DotStuffer(LineNormaliser):
+    """Streams a message body onto the wire for DATA.
+
+    Line endings are normalised as by LineNormaliser; a line starting with "."
+    gets another "."; ``finish()`` ends the last line and adds ".".
+    """
+
+    def _transform(self, out: bytes) -> bytes:
+        out = out.replace(b"\r\n.", b"\r\n..")
+        return b"." + out if self._line_start and out.startswith(b".") else out
+
+    def finish(self) -> bytes:
+        return super().finish() + b".\r\n"
 
 
 def stuff(data: bytes) -> bytes:

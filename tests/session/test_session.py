@@ -23,6 +23,7 @@ from support import free_port
 
 from greenmail import admin, wire
 from greenmail.config import from_dict
+from greenmail.connection import Transport
 from greenmail.daemon import offload, shielded
 from greenmail.metrics import Metrics
 from greenmail.outbox import Outbox
@@ -61,7 +62,8 @@ class Harness:
     def __init__(self, tmp_path: Path, port: int, **overrides: dict) -> None:
         raw = {
             "spool": {"path": "spool"},
-            "relay": {"host": "127.0.0.1", "port": port, "helo": "client.test"},
+            # the stage machine one command at a time; PIPELINING has tests of its own
+            "relay": {"host": "127.0.0.1", "port": port, "helo": "client.test", "pipelining": False},
             "retry": {"min_backoff": MIN_BACKOFF, "max_backoff": 4000},
             "timeouts": {
                 k: T for k in ("connect", "banner", "command", "data_init", "data_block", "data_end")
@@ -75,6 +77,7 @@ class Harness:
         self.spool.ensure()
         self.metrics = Metrics()
         self.outbox = Outbox(self.spool, self.cfg.retry, self.metrics, offload, shield=shielded)
+        self.transport = Transport.build(self.cfg.relay, self.cfg.timeouts, self.metrics, "client.test")
         self.greeted: list[bool] = []
 
     def enqueue(self, *rcpts: str, sender: str = SENDER, body: bytes = BODY) -> str:
@@ -82,7 +85,7 @@ class Harness:
 
     def session(self) -> gevent.Greenlet:
         self.outbox.refresh()
-        s = Session(self.cfg, self.outbox, self.metrics, "client.test", on_greeted=self.greeted.append)
+        s = Session(self.transport, self.outbox, on_greeted=self.greeted.append)
         return gevent.spawn(s.run)
 
     def run(self, timeout: float = 10.0) -> float:
@@ -532,7 +535,7 @@ def test_temporary_failure_past_max_lifetime_fails(tmp_path: Path, server: Fault
 def test_concurrent_sessions_send_each_message_once(h: Harness, server: FaultServer) -> None:
     ids = [h.enqueue(f"r{i}@example.net") for i in range(12)]
     h.outbox.refresh()
-    sessions = [Session(h.cfg, h.outbox, h.metrics, "client.test") for _ in range(3)]
+    sessions = [Session(h.transport, h.outbox) for _ in range(3)]
     greenlets = [gevent.spawn(s.run) for s in sessions]
     gevent.joinall(greenlets, timeout=10, raise_error=True)
     assert all(g.dead for g in greenlets)

@@ -38,6 +38,8 @@ EXPECTED: dict[Stage, tuple[Action, Action, Action, Action, Action]] = {
     Stage.RCPT: (X, P, X, D, F),
     Stage.DATA: (X, X, P, D, F),
     Stage.MESSAGE: (X, P, X, D, F),
+    Stage.STARTTLS: (X, P, X, A, A),
+    Stage.AUTH: (X, P, Action.CONTINUE, A, A),
 }
 
 MATRIX = [
@@ -55,8 +57,8 @@ def r(code: int, text: str = "text") -> Reply:
 
 
 def test_stage_labels_and_order() -> None:
-    assert STAGES == ("banner", "helo", "mail", "rcpt", "data", "message")
-    assert [int(s) for s in Stage] == [0, 1, 2, 3, 4, 5]
+    assert STAGES == ("banner", "helo", "mail", "rcpt", "data", "message", "starttls", "auth")
+    assert [int(s) for s in Stage] == [0, 1, 2, 3, 4, 5, 6, 7]
     for i, label in enumerate(STAGES):
         assert Stage(i).label == label
         assert STAGES[Stage(i)] == label
