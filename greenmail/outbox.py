@@ -238,8 +238,7 @@ class Outbox:
             claim.state.recipients[rcpt] = "failed"
             claim.state.errors[rcpt] = why
         claim.state.last_error = why
-        self.metrics.expired.inc()
-        self.metrics.recipients.labels(result="failed").inc(len(pending))
+        self.metrics.expired.inc()  # the session already counted these recipients for this attempt
         log.warning("%s: %s", claim.id, why)
 
     # -- gauges -------------------------------------------------------------------

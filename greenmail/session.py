@@ -244,7 +244,8 @@ class Session:
 
     def _rset(self) -> bool:
         try:
-            reply = self.conn.command(b"RSET\r\n", Stage.MAIL, self.t.command, count=False)
+            self.conn.send_commands([(b"RSET\r\n", Stage.MAIL)], count=False)
+            reply = self.conn.read(None, self.t.command)  # not a stage: neither reached nor its reply counted
         except SmtpError as e:
             log.info("RSET to %s failed: %s", self.relay, e)
             return False

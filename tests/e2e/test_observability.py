@@ -116,6 +116,10 @@ DEFERRED = {
     K("greenmail_delivery_attempts_total", result="deferred"): 1,
     K("greenmail_recipients_total", result="deferred"): 1,
 }
+# The fault server offers PIPELINING: MAIL, RCPT and DATA go out in one write, so DATA is
+# reached (sent) even when the recipient is then refused; the server answers it 503.
+PIPELINED_DATA = {K("greenmail_smtp_stage_reached_total", stage="data"): 1}
+REFUSED_DATA = {**PIPELINED_DATA, K("greenmail_smtp_replies_total", stage="data", code="503"): 1}
 SCENARIOS: dict[str, tuple[dict, dict]] = {
     "delivered": (
         {},
@@ -132,6 +136,7 @@ SCENARIOS: dict[str, tuple[dict, dict]] = {
         {
             **CONNECTED,
             **DEFERRED,
+            **REFUSED_DATA,
             K("greenmail_smtp_replies_total", stage="rcpt", code="451"): 1,
             K("greenmail_requeues_total", reason="temporary"): 1,
         },
@@ -140,6 +145,7 @@ SCENARIOS: dict[str, tuple[dict, dict]] = {
         {"rcpt": "550 5.1.1 no such user"},
         {
             **CONNECTED,
+            **REFUSED_DATA,
             K("greenmail_smtp_replies_total", stage="rcpt", code="550"): 1,
             K("greenmail_delivery_attempts_total", result="failed"): 1,
             K("greenmail_recipients_total", result="failed"): 1,
@@ -151,7 +157,7 @@ SCENARIOS: dict[str, tuple[dict, dict]] = {
     ),
     "stall": (
         {"rcpt": "stall"},
-        {**CONNECTED, **DEFERRED, K("greenmail_requeues_total", reason="timeout"): 1},
+        {**CONNECTED, **DEFERRED, **PIPELINED_DATA, K("greenmail_requeues_total", reason="timeout"): 1},
     ),
     "refused-connect": (
         {},
@@ -296,7 +302,7 @@ def test_shutdown_is_clean_and_json_logs_carry_the_fields(stack: Stack) -> None:
     for line in lines:
         assert set(line) >= FIELDS, line
     events = [x["event"] for x in lines]
-    assert events[:2] == ["config", "start"] and events[-1] == "stop"
+    assert events[0] == "config" and events.count("start") == 1 and events[-1] == "stop"
     assert lines[0]["config"]["relay.port"] == stack.relay_port
     deliveries = {x["to"]: x for x in lines if x["event"] == "delivery"}
     for x in deliveries.values():

@@ -322,11 +322,39 @@ def test_unknown_format() -> None:
 
 def test_configuration_dump_is_flat_and_redacted(tmp_path: Path) -> None:
     cfg = from_dict({"spool": {"path": "s"}, "relay": {"port": 2525}}, tmp_path)
-    flat = logfmt.flatten(cfg)
+    flat = logfmt.settings(cfg)
     assert flat["relay.port"] == 2525 and flat["spool.path"] == str(tmp_path / "s")
     assert flat["metrics.listen"] == "127.0.0.1:9465"
+    assert all(isinstance(v, bool | int | float | str | list) for v in flat.values())
     red = logfmt.redact({"relay.password": "hunter2", "relay.password_file": "/etc/pw", "relay.token": ""})
     assert red == {"relay.password": "***", "relay.password_file": "/etc/pw", "relay.token": ""}
+    assert logfmt.settings_text({"a": 1, "b": ["x", "y"]}) == "a=1 b=x,y"
+
+
+def test_configuration_line_never_shows_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from greenmail import cli
+
+    (tmp_path / "pw").write_text("hunter2-file\n")
+    monkeypatch.setenv("GM_TEST_PASSWORD", "hunter2-env")
+    for relay in (
+        {"username": "u", "password_file": "pw"},
+        {"username": "u", "password_env": "GM_TEST_PASSWORD"},
+    ):
+        cfg = from_dict({"spool": {"path": "s"}, "relay": relay}, tmp_path)
+        root = logging.getLogger()
+        saved = root.handlers[:], root.level
+        try:
+            for fmt in ("text", "json"):
+                cli.setup_logging(False, fmt, cfg)
+        finally:
+            root.handlers[:], root.level = saved
+            logging.captureWarnings(False)
+        err = capsys.readouterr().err
+        text, js = err.splitlines()
+        assert "INFO configuration: spool.path=" in text and json.loads(js)["event"] == "config"
+        assert "hunter2" not in err
 
 
 # -- the dashboard and the rules, as files ------------------------------------------------------
