@@ -19,7 +19,7 @@ CHUNK = 64 * 1024
 def relay_size_limit(extensions: dict[str, str]) -> int:
     """The relay's advertised SIZE (0 = none or unlimited)."""
     value = extensions.get("SIZE", "").strip()
-    return int(value) if value.isdigit() else 0
+    return int(value) if value.isascii() and value.isdigit() else 0
 
 
 def precheck(txn: Transaction, extensions: dict[str, str], size: int, sender: str) -> bool:

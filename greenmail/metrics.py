@@ -50,6 +50,25 @@ DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14
 SESSION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 
+def _cache_labels(metric: Any) -> None:
+    """Make ``metric.labels(...)`` a dict lookup after the first call for each label set.
+
+    prometheus_client validates and sorts the labels on every call; the
+    delivery path calls it several times per message.
+    """
+    original = metric.labels
+    cache: dict[tuple[Any, ...], Any] = {}
+
+    def labels(*args: str, **kwargs: str) -> Any:
+        key = args + tuple(kwargs.items())
+        child = cache.get(key)
+        if child is None:
+            child = cache[key] = original(*args, **kwargs)
+        return child
+
+    metric.labels = labels
+
+
 def _preset(metric: Any, label: str, values: Iterable[str]) -> None:
     for v in values:
         metric.labels(**{label: v})
@@ -98,6 +117,9 @@ class Metrics:
         build = Gauge(p + "build_info", "greenmail build", ["version"], registry=r)
         build.labels(version=__version__).set(1)
         self.max_connections.set(max_connections)
+        for metric in (self.stage_reached, self.replies, self.requeues, self.attempts, self.recipients,
+                       self.connects, self.spool, self.scans):  # fmt: skip
+            _cache_labels(metric)
         self._preset()
 
     def _preset(self) -> None:
@@ -137,6 +159,7 @@ class SpoolGauges:
         self._live: dict[str, float] = {}  # id -> enqueue time, for messages not yet settled
         self._claimed: dict[str, float] = {}  # the subset claimed by our sessions
         self._heap: list[tuple[float, str]] = []
+        self._shown: dict[str, float] = {}  # what the gauges show now
 
     def reindex(self) -> None:
         """The queue is about to re-index outgoing/ from scratch."""
@@ -188,12 +211,20 @@ class SpoolGauges:
         self._claimed.pop(qid, None)
 
     def _publish(self) -> None:
+        """Set the gauges that changed (this runs for every message event)."""
         heap, live = self._heap, self._live
         while heap and live.get(heap[0][1]) != heap[0][0]:
             heapq.heappop(heap)
+        shown = self._shown
         for state, n in self._n.items():
-            self._metrics.spool.labels(state=state).set(max(0, n))
-        self._metrics.oldest.set(heap[0][0] if heap else 0)
+            value = max(0, n)
+            if shown.get(state) != value:
+                self._metrics.spool.labels(state=state).set(value)
+                shown[state] = value
+        oldest = heap[0][0] if heap else 0
+        if shown.get("oldest") != oldest:
+            self._metrics.oldest.set(oldest)
+            shown["oldest"] = oldest
 
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]

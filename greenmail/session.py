@@ -122,7 +122,9 @@ class Session:
         txn = Transaction(claim.state.pending(env))
         utf8 = esmtp.precheck(txn, ext, claim.size, env.sender)
         if txn.to_send:
-            eight_bit = "8BITMIME" in ext and esmtp.is_8bit(claim.path, env.body_offset)
+            eight_bit = "8BITMIME" in ext and (
+                claim.eight_bit if claim.eight_bit is not None else esmtp.is_8bit(claim.path, env.body_offset)
+            )
             params = esmtp.mail_params(ext, claim.size, eight_bit, utf8)
             mail = wire.command("MAIL", f"FROM:<{env.sender}>{params}")
             if self.limiter is not None:
@@ -184,9 +186,16 @@ class Session:
             raise ProtocolError("the relay sent a reply ahead of the message", "message")
         stuffer = wire.DotStuffer()
         with claim.open_body() as f:
-            while chunk := f.read(CHUNK):
-                self.conn.send(stuffer.feed(chunk), "message", self.t.data_block)
-            self.conn.send(stuffer.finish(), "message", self.t.data_block)
+            chunk = f.read(CHUNK)
+            while True:
+                nxt = f.read(CHUNK) if chunk else b""
+                out = stuffer.feed(chunk)
+                if not nxt:  # the last chunk goes with the final dot, in one write
+                    out += stuffer.finish()
+                self.conn.send(out, "message", self.t.data_block)
+                if not nxt:
+                    break
+                chunk = nxt
         self._final_reply(txn)
 
     def _bdat(self, claim: Claim, txn: Transaction) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import logging
 import os
 import secrets
@@ -52,6 +53,7 @@ TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, HOLD, META, OWNERS = (
 )
 DIRS = (TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, HOLD, META, OWNERS)
 CHUNK = 64 * 1024
+SMALL_BODY = 32 * 1024  # messages up to this size are read once, with the envelope
 STALE_TMP = 86400
 
 
@@ -74,12 +76,20 @@ class Claim:
     size: int  # message bytes, without the envelope lines
     queued_at: float
     settled: bool = False  # done, requeued or failed: nothing more may happen to it
+    body: bytes | None = None  # a small message, read with the envelope (no second open)
 
     @property
     def id(self) -> str:
         return self.entry.id
 
+    @property
+    def eight_bit(self) -> bool | None:
+        """Whether the message has non-ASCII bytes; None when not read yet (big message)."""
+        return None if self.body is None else not self.body.isascii()
+
     def open_body(self) -> BinaryIO:
+        if self.body is not None:
+            return io.BytesIO(self.body)
         f = open(self.path, "rb")  # noqa: SIM115 - the session closes it
         f.seek(self.envelope.body_offset)
         return f
@@ -203,7 +213,14 @@ class Spool:
             raise CorruptQueueFile("not a regular file")
         with os.fdopen(fd, "rb") as f:
             env = read_envelope(f)
-        return Claim(entry, path, env, self.read_state(entry.id), st.st_size - env.body_offset, st.st_mtime)
+            size = st.st_size - env.body_offset
+            if size <= SMALL_BODY:
+                f.seek(env.body_offset)
+                body: bytes | None = f.read()
+            else:
+                body = None
+        state = self.read_state(entry.id)
+        return Claim(entry, path, env, state, size, st.st_mtime, body=body)
 
     def read_state(self, qid: str) -> State:
         try:
