@@ -94,6 +94,7 @@ class Connection:
         self.parser = wire.ReplyParser()
         self.extensions: dict[str, str] = {}
         self.tls = False
+        self.closing: wire.Reply | None = None  # the relay said 421: read and send nothing more
         host, port = transport.relay.relays[0]
         self.relay = f"{host}:{port}"
 
@@ -270,8 +271,10 @@ class Connection:
             raise ConnectionLost(f"connection lost: {e}", label) from None
         if stage is not None:
             self.metrics.reply(stage.label, reply.code)
-        if reply.code == 421 and self.tp.throttle is not None:
-            self.tp.throttle.on_421()
+        if reply.code == 421:  # RFC 5321 3.8: the relay is closing the connection
+            self.closing = reply
+            if self.tp.throttle is not None:
+                self.tp.throttle.on_421()
         return reply
 
     def quit(self) -> None:

@@ -119,6 +119,16 @@ class Transaction:
         self.replies[rcpt] = reply
         self.error = reply
 
+    def defer_rest(self, reply: Reply) -> None:
+        """The relay is closing (421): every recipient not yet settled is deferred with its reply."""
+        for rcpt in self.recipients:
+            if rcpt not in self.results:  # accepted ones too: no message will follow
+                self.results[rcpt] = Rcpt.DEFERRED
+                self.replies[rcpt] = reply
+        self.accepted.clear()
+        self.overflow.clear()
+        self.error = reply
+
     @property
     def to_send(self) -> list[str]:
         """Recipients still to be given to RCPT in this transaction."""

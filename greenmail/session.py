@@ -105,6 +105,8 @@ class Session:
                     log.error("%s: internal error, requeued: %r", claim.id, e)
                 self.outbox.release(claim, reason)
             raise
+        if self.conn.closing is not None:
+            return False  # after a 421 the connection is over: no RSET, no QUIT
         if txn.count(Rcpt.DELIVERED) == len(txn.recipients) or not txn.opened:
             return True
         return self._rset()
@@ -113,7 +115,7 @@ class Session:
         """As many transactions as the relay's 452 "too many recipients" asks for."""
         while True:
             txn = self._transaction(claim)
-            if not (txn.overflow and txn.count(Rcpt.DELIVERED)):
+            if not (txn.overflow and txn.count(Rcpt.DELIVERED)) or self.conn.closing is not None:
                 return txn
 
     def _transaction(self, claim: Claim) -> Transaction:
@@ -148,6 +150,8 @@ class Session:
                 txn.overflow.append(rcpt)
             else:
                 txn.on_rcpt(rcpt, self.conn.command(wire.rcpt_to(rcpt), Stage.RCPT, self.t.command))
+                if self._closing(txn):
+                    return
         if not txn.wants_data:
             return
         if self._chunking():
@@ -164,10 +168,14 @@ class Session:
             lines.append((b"DATA\r\n", Stage.DATA))
         self.conn.send_commands(lines)
         mail_ok = txn.on_mail(self.conn.read(Stage.MAIL, self.t.command))
+        if self._closing(txn):
+            return
         for rcpt in rcpts:
             reply = self.conn.read(Stage.RCPT, self.t.command)
             if mail_ok:
                 txn.on_rcpt(rcpt, reply)
+            if self._closing(txn):
+                return
         if chunking:
             if mail_ok and txn.wants_data:
                 self._bdat(claim, txn)
@@ -179,6 +187,13 @@ class Session:
         elif reply.cls == 3:  # DATA accepted with no recipient: end the empty message at once
             self.conn.send(b".\r\n", "message", self.t.data_block)
             self.conn.read(None, self.t.data_end)
+
+    def _closing(self, txn: Transaction) -> bool:
+        """After a 421 nothing more is read or sent: what is unsettled is deferred."""
+        if self.conn.closing is None:
+            return False
+        txn.defer_rest(self.conn.closing)
+        return True
 
     def _dot_body(self, claim: Claim, txn: Transaction) -> None:
         self.metrics.stage_reached.labels(stage="message").inc()

@@ -1,7 +1,9 @@
 """A scripted, fault-injecting SMTP server for tests (stdlib only: socket + threading).
 
-The script maps a stage to an action. Stages: banner, helo (EHLO and HELO), mail, rcpt,
-data (the reply to DATA), message (the reply after the final dot), rset, quit.
+The script maps a stage to an action. Stages: banner, helo (EHLO and HELO), ehlo (EHLO only;
+when given, it takes precedence over helo for EHLO), mail, rcpt, data (the reply to DATA),
+message (the reply after the final dot, or to BDAT ... LAST), bdat (the reply to a BDAT chunk
+that is not the last), auth (the reply to AUTH and to each line answering a 334), rset, quit.
 An action is one of:
   - a reply: str (lines separated by "\\n", each sent with CRLF) or raw bytes sent as is
     (in JSON: {"raw": "garbage\\r\\n"}, latin-1);
@@ -16,6 +18,17 @@ An action is one of:
 Stages missing from the script behave well: everything is accepted, in sequence (MAIL inside
 a transaction, RCPT outside one and DATA without recipients get 503, as from a real relay).
 After a 3xx reply to DATA the server reads the message up to the "." line.
+BDAT (RFC 3030): "BDAT <n> [LAST]" is followed by exactly n octets, read whatever the reply;
+chunks are answered by the bdat stage (default 250), BDAT LAST by the message stage, and the
+message is recorded with its "chunks" (the sizes) and the assembled "data". After a chunk is
+refused, further BDATs of the transaction get 503 (their octets are read and dropped).
+Advertise extensions with ``{"ehlo": ehlo("PIPELINING", "CHUNKING", "SIZE 1000")}``.
+
+Options (script keys that are not stages):
+  - "hold_mail": "DATA": the pipelining proof. The reply to MAIL is held back until a line
+    starting with that text (case-insensitive, e.g. "DATA" or "RCPT TO:<last@") has arrived
+    on the connection: a client that waits for each reply times out, a pipelining client
+    goes on. Lines read ahead are then answered in order.
 
 In-process:  ``with FaultServer({"rcpt": "550 no"}) as srv: ... srv.port ...``
 Subprocess:  ``python tests/faultserver.py --port 0 --script '{"mail": "451 later"}' --log out.json``
@@ -44,8 +57,24 @@ DEFAULTS: dict[str, Any] = {
     "rset": "250 ok",
     "quit": "221 bye",
 }
-VERBS = {"EHLO": "helo", "HELO": "helo", "MAIL": "mail", "RCPT": "rcpt", "DATA": "data", "RSET": "rset"}
+DEFAULTS.update({"bdat": "250 2.0.0 chunk ok", "auth": "235 2.7.0 authenticated"})
+VERBS = {
+    "EHLO": "helo",
+    "HELO": "helo",
+    "MAIL": "mail",
+    "RCPT": "rcpt",
+    "DATA": "data",
+    "RSET": "rset",
+    "BDAT": "bdat",
+    "AUTH": "auth",
+}
 HUGE = 10 * 1024 * 1024
+
+
+def ehlo(*extensions: str, name: str = "fault.test") -> str:
+    """An EHLO reply (for the "ehlo" script key) advertising ``extensions``, e.g. "SIZE 1000"."""
+    lines = [name, *extensions]
+    return "\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{ln}" for i, ln in enumerate(lines))
 
 
 class _Closed(Exception):
@@ -189,10 +218,15 @@ class FaultServer:
             conn.close()
             self._write_log()
 
-    def action(self, stage: str, occurrence: int, line: str) -> Any:
+    def option(self, name: str) -> Any:
         with self._lock:
-            act = self.script.get(stage)
-        default = DEFAULTS["ehlo" if stage == "helo" and line[:4].upper() == "EHLO" else stage]
+            return self.script.get(name)
+
+    def action(self, stage: str, occurrence: int, line: str) -> Any:
+        is_ehlo = stage == "helo" and line[:4].upper() == "EHLO"
+        with self._lock:
+            act = self.script.get("ehlo") if is_ehlo and "ehlo" in self.script else self.script.get(stage)
+        default = DEFAULTS["ehlo" if is_ehlo else stage]
         while isinstance(act, list) or (isinstance(act, dict) and "when" in act):
             if isinstance(act, list):
                 act = act[occurrence - 1] if occurrence <= len(act) else None
@@ -209,6 +243,8 @@ class _Conn:
         self.counts: dict[str, int] = {}
         self.sender: str | None = None
         self.rcpts: list[str] = []
+        self.chunks: list[bytes] | None = []  # BDAT chunks of the transaction (None: one was refused)
+        self.in_auth = False  # the last AUTH reply was a 334: the next line answers it
 
     def run(self) -> None:
         self.do("banner", "")
@@ -218,6 +254,13 @@ class _Conn:
                 self.srv._conns[self.index].append(line)
             verb = line.split(" ", 1)[0].upper()
             stage = VERBS.get(verb, "quit" if verb == "QUIT" else "")
+            if self.in_auth:
+                stage = "auth"
+            if stage == "bdat":
+                self.bdat(line)
+                continue
+            if stage == "mail" and self.srv.option("hold_mail"):
+                self.hold(str(self.srv.option("hold_mail")))
             if not stage:
                 self.send(b"250 ok\r\n" if verb == "NOOP" else b"500 5.5.1 unknown command\r\n")
                 continue
@@ -228,12 +271,15 @@ class _Conn:
             if stage == "quit":
                 return
             code = reply[:1]
-            if stage == "mail" and code == b"2":
-                self.sender, self.rcpts = (line.split(":", 1)[-1].strip().strip("<>"), [])
+            if stage == "auth":
+                self.in_auth = code == b"3"
+            elif stage == "mail" and code == b"2":
+                self.sender, self.rcpts = (line.split(":", 1)[-1].strip().split(" ", 1)[0].strip("<>"), [])
+                self.chunks = []
             elif stage == "rcpt" and code == b"2":
                 self.rcpts.append(line.split(":", 1)[-1].strip().strip("<>"))
             elif stage == "rset":
-                self.sender, self.rcpts = None, []
+                self.sender, self.rcpts, self.chunks = None, [], []
             elif stage == "data" and code == b"3":
                 self.read_message()
 
@@ -248,6 +294,58 @@ class _Conn:
             or (stage == "rcpt" and self.sender is None)
             or (stage == "data" and not self.rcpts)
         )
+
+    def hold(self, prefix: str) -> None:
+        """Read ahead (without consuming) until a line starting with ``prefix`` has arrived."""
+        want = prefix.lower().encode("latin-1")
+        while True:
+            start = self.pos
+            while (nl := self.buf.find(b"\n", start)) >= 0:
+                if bytes(self.buf[start:nl]).lower().startswith(want):
+                    return
+                start = nl + 1
+            self.buf += self.recv()
+
+    def read_exactly(self, n: int) -> bytes:
+        while len(self.buf) - self.pos < n:
+            del self.buf[: self.pos]
+            self.pos = 0
+            self.buf += self.recv()
+        data, self.pos = bytes(self.buf[self.pos : self.pos + n]), self.pos + n
+        return data
+
+    def bdat(self, line: str) -> None:
+        """RFC 3030: read the chunk's octets whatever happens, then answer."""
+        args = line.split()[1:]
+        if (
+            not args
+            or not (args[0].isascii() and args[0].isdigit())
+            or len(args) > 2
+            or (len(args) == 2 and args[1].upper() != "LAST")
+        ):
+            self.send(b"501 5.5.4 syntax: BDAT <size> [LAST]\r\n")
+            return
+        chunk = self.read_exactly(int(args[0]))
+        last = len(args) == 2
+        with self.srv._lock:
+            scripted = self.srv.script.get("message" if last else "bdat") is not None
+        if self.chunks is None or (not scripted and (self.sender is None or not self.rcpts)):
+            self.send(b"503 5.5.1 bad sequence of commands\r\n")
+            return
+        chunks = [*self.chunks, chunk]
+        if not last:
+            reply = self.do("bdat", line)
+            self.chunks = chunks if reply[:1] == b"2" else None
+            return
+        data = b"".join(chunks)
+        msg = {"conn": self.index, "sender": self.sender, "recipients": list(self.rcpts)}
+        msg.update(data=data, wire=data, reply=None, chunks=[len(c) for c in chunks])
+        with self.srv._lock:
+            self.srv._messages.append(msg)
+        reply = self.do("message", line)
+        with self.srv._lock:
+            msg["reply"] = reply.decode("latin-1")
+        self.sender, self.rcpts, self.chunks = None, [], []
 
     def read_message(self) -> None:
         wire, data = [], []
