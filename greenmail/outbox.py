@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import gevent
+
 from greenmail import bounce
 from greenmail.config import RetryConfig
 from greenmail.errors import CorruptQueueFile
@@ -29,6 +31,7 @@ from greenmail.queuefile import HOST, Entry, id_time
 from greenmail.spool import ACTIVE, FAILED, Claim, Spool
 
 log = logging.getLogger("greenmail.queue")
+YIELD_EVERY = 2000
 T = TypeVar("T")
 Offload = Callable[..., Any]
 
@@ -89,8 +92,11 @@ class Outbox:
         return self.due_count()
 
     def _add(self, entries: list[Entry]) -> None:
+        """Index entries (in name order: oldest first); yields to other greenlets now and then."""
         now = self.clock()
-        for e in sorted(entries, key=lambda e: e.name):
+        for i, e in enumerate(entries):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                gevent.sleep(0)  # 100,000 names must not stall the sessions
             if e.name in self._known:
                 continue
             self._known.add(e.name)

@@ -168,7 +168,7 @@ class Spool:
         dot-files are left alone (writers may use them as temporaries).
         """
         out = []
-        for name in os.listdir(self.dir(OUTGOING)):
+        for name in sorted(os.listdir(self.dir(OUTGOING))):  # ids sort by enqueue time
             if name in skip or name.startswith("."):
                 continue
             entry = parse_name(name) or self._adopt(name)
