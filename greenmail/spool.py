@@ -19,7 +19,8 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -119,6 +120,40 @@ class Spool:
 
     def enqueue(self, sender: str, recipients: list[str] | tuple[str, ...], message: bytes | BinaryIO) -> str:
         """Write one message durably into outgoing/ and return its queue id."""
+        return self.enqueue_many([(sender, recipients, message)])[0]
+
+    def enqueue_many(self, messages: Iterable[tuple[str, Sequence[str], bytes | BinaryIO]]) -> list[str]:
+        """Write messages durably into outgoing/, all or none; their queue ids in order.
+
+        Each is written and fsync'd in tmp/ (several fsyncs at once: the
+        filesystem commits them together), then all are renamed into
+        outgoing/ and the directory is fsync'd once. A crash before that
+        leaves nothing in outgoing/; an error leaves nothing anywhere.
+        """
+        written: list[tuple[str, Path]] = []
+        try:
+            items = [self._checked(*m) for m in messages]
+            if len(items) == 1:
+                written.append(self._write_tmp(*items[0]))
+            elif items:
+                with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
+                    written.extend(pool.map(lambda item: self._write_tmp(*item), items))
+            for qid, tmp in written:
+                os.rename(tmp, self.dir(OUTGOING) / qid)
+            fsync_dir(self.dir(OUTGOING))
+        except BaseException as e:
+            for qid, tmp in written:
+                for path in (tmp, self.dir(OUTGOING) / qid):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+            if isinstance(e, OSError):
+                raise EnqueueError(f"spool {self.path}: cannot write: {e.strerror}") from None
+            raise
+        return [qid for qid, _ in written]
+
+    def _checked(
+        self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO
+    ) -> tuple[str, list[str], _Reader, bytes]:
         sender = address.check(sender, null_ok=True)
         rcpts = [address.check(r) for r in recipients]
         if not rcpts:
@@ -127,6 +162,9 @@ class Spool:
         head = stream.head()
         if not head:
             raise EnqueueError("empty message")
+        return sender, rcpts, stream, head
+
+    def _write_tmp(self, sender: str, rcpts: list[str], stream: _Reader, head: bytes) -> tuple[str, Path]:
         qid, fd, tmp = self._create_tmp()
         try:
             with os.fdopen(fd, "wb") as f:
@@ -136,15 +174,11 @@ class Spool:
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            os.rename(tmp, self.dir(OUTGOING) / qid)
-            fsync_dir(self.dir(OUTGOING))
-        except BaseException as e:
+        except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise EnqueueError(f"spool {self.path}: cannot write: {e.strerror}") from None
             raise
-        return qid
+        return qid, tmp
 
     def _create_tmp(self) -> tuple[str, int, Path]:
         for _ in range(100):
