@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 import greenmail
-from greenmail.errors import AddressError, EnqueueError
+from greenmail.errors import AddressError, EnqueueError, GreenmailError
 from greenmail.queuefile import read_envelope
+from greenmail.spool import Spool
 
 
 def files(spool: Path, sub: str) -> list[str]:
@@ -66,8 +67,11 @@ def test_enqueue_many_unwritable_spool_leaves_nothing(tmp_path: Path) -> None:
     greenmail.enqueue_many([], spool=tmp_path)  # creates the directories
     (tmp_path / "outgoing").rmdir()
     (tmp_path / "outgoing").write_text("not a directory")
-    with pytest.raises(EnqueueError, match="cannot write"):
+    with pytest.raises(GreenmailError, match="cannot"):
         greenmail.enqueue_many([("a@x.y", ["b@x.y"], b"Subject: s\n\nb\n")] * 3, spool=tmp_path)
+    spool = Spool(tmp_path)  # without ensure(): the rename into outgoing/ fails
+    with pytest.raises(EnqueueError, match="cannot write"):
+        spool.enqueue_many([("a@x.y", ["b@x.y"], b"Subject: s\n\nb\n")] * 3)
     assert files(tmp_path, "tmp") == []
 
 
