@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from greenmail.errors import CorruptQueueFile, MessageBusy, NotFound
-from greenmail.queuefile import Entry, State, format_name, parse_name, read_envelope
+from greenmail.queuefile import Entry, State, format_name, id_time, parse_name, read_envelope
 from greenmail.spool import ACTIVE, FAILED, HOLD, OUTGOING, TMP, Spool, fsync_dir
 
 
@@ -98,7 +98,7 @@ def describe(spool: Spool, loc: Located) -> Info:
         recipients=rcpts,
         size=size,
         attempts=e.attempts,
-        queued_at=_iso(st.st_mtime),
+        queued_at=_iso(min(id_time(e.id) or st.st_mtime, st.st_mtime)),
         next_attempt=_iso(e.next_at) if e.next_at and kind in ("queued", "deferred") else None,
         last_error=error,
         recipient_states={r: state.recipients.get(r, "pending") for r in rcpts},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import os
 import random
 import time
@@ -136,6 +137,31 @@ class Outbox:
             self.gauges.dropped(entry.id, entry.attempts > 0)
         return None
 
+    def expire_old(self) -> int:
+        """Due messages older than max_lifetime fail now, even while the relay is unreachable."""
+        limit = self.clock() - self.retry.max_lifetime
+        old = [e for e in self._due if (t := id_time(e.id)) is not None and t < limit]
+        if not old:
+            return 0
+        gone = {e.name for e in old}
+        self._due = deque(e for e in self._due if e.name not in gone)
+        expired = 0
+        for entry in old:
+            self._known.discard(entry.name)
+            try:
+                claim = self.spool.claim(entry)
+            except CorruptQueueFile as e:
+                log.error("%s", e)
+                claim = None
+            if claim is None:
+                self.gauges.dropped(entry.id, entry.attempts > 0)
+                continue
+            self.gauges.claimed(entry.id, entry.attempts > 0)
+            claim.state.last_error = claim.state.last_error or "the relay could not be reached"
+            self.finish(claim)  # past max_lifetime: its pending recipients fail as expired
+            expired += 1
+        return expired
+
     # -- settling a claim -----------------------------------------------------------
 
     def finish(self, claim: Claim, reason: str = "temporary") -> str:
@@ -179,7 +205,7 @@ class Outbox:
 
     def _requeue(self, claim: Claim, reason: str, attempt: bool) -> None:
         if attempt:
-            next_at = int(self.clock() + self.jittered(claim.entry.attempts + 1))
+            next_at = math.ceil(self.clock() + self.jittered(claim.entry.attempts + 1))  # never early
         else:
             next_at = claim.entry.next_at
         save = bool(claim.state.recipients or claim.state.last_error)

@@ -75,6 +75,7 @@ class Scheduler:
     def check(self) -> None:
         """One periodic check: full scan, gauges, heartbeat, open sessions."""
         self.outbox.refresh()
+        self.outbox.expire_old()
         self._failures = 0
         self._greeted = False
         self.fill()

@@ -141,11 +141,13 @@ def prepare(o: Options, message: bytes) -> tuple[str, list[str], bytes]:
         fields = [f for f in fields if _name(f) not in (b"bcc", b"resent-bcc")]
     if not recipients:
         raise UsageError("no recipients specified")
+    recipients = list(dict.fromkeys(recipients))  # the same address in To and Cc: one RCPT
     if not any(_name(f) == b"from" for f in fields):
         eol = b"\r\n" if message.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
         if not fields and rest and not rest.startswith((b"\n", b"\r\n")):
             rest = eol + rest  # no header section at all: the text is body, set apart
-        shown = f'"{o.full_name}" <{sender}>' if o.full_name else (f"<{sender}>" if sender else "<>")
+        author = sender if sender not in ("", "<>") else default_sender()  # a null sender writes as its user
+        shown = f'"{o.full_name}" <{author}>' if o.full_name else f"<{author}>"
         fields.insert(0, f"From: {shown}".encode() + eol)
     if not rest and fields and not fields[-1].endswith(b"\n"):
         fields[-1] += b"\n"

@@ -35,6 +35,7 @@ from greenmail.queuefile import (
     added_headers,
     envelope_lines,
     format_name,
+    id_time,
     new_id,
     parse_name,
     read_envelope,
@@ -155,7 +156,7 @@ class Spool:
         self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO
     ) -> tuple[str, list[str], _Reader, bytes]:
         sender = address.check(sender, null_ok=True)
-        rcpts = [address.check(r) for r in recipients]
+        rcpts = list(dict.fromkeys(address.check(r) for r in recipients))  # each address once
         if not rcpts:
             raise EnqueueError("no recipients")
         stream = _Reader(message)
@@ -254,7 +255,8 @@ class Spool:
             else:
                 body = None
         state = self.read_state(entry.id)
-        return Claim(entry, path, env, state, size, st.st_mtime, body=body)
+        queued_at = min(id_time(entry.id) or st.st_mtime, st.st_mtime)  # our ids carry the enqueue time
+        return Claim(entry, path, env, state, size, queued_at, body=body)
 
     def read_state(self, qid: str) -> State:
         try:
