@@ -204,10 +204,7 @@ def queue_delete(config_path: str | None, qid: str | None, all_failed: bool) -> 
 @click.argument("qid")
 def queue_hold(config_path: str | None, qid: str) -> None:
     """Keep a queued message from being sent until released."""
-    from greenmail import admin
-
-    changed = _queue_call(config_path, admin.hold, qid)
-    click.echo(f"{qid}: {'held' if changed else 'already held'}")
+    _switch(config_path, "hold", qid, "held", "already held")
 
 
 @queue.command("release")
@@ -215,10 +212,14 @@ def queue_hold(config_path: str | None, qid: str) -> None:
 @click.argument("qid")
 def queue_release(config_path: str | None, qid: str) -> None:
     """Give a held message back to the queue."""
+    _switch(config_path, "release", qid, "released", "was not held")
+
+
+def _switch(config_path: str | None, op: str, qid: str, done: str, unchanged: str) -> None:
     from greenmail import admin
 
-    changed = _queue_call(config_path, admin.release, qid)
-    click.echo(f"{qid}: {'released' if changed else 'was not held'}")
+    changed = _queue_call(config_path, getattr(admin, op), qid)
+    click.echo(f"{qid}: {done if changed else unchanged}")
 
 
 @queue.command("retry")
