@@ -19,17 +19,12 @@ from pathlib import Path
 import gevent
 import pytest
 from faultserver import FaultServer
+from session_harness import Harness as BaseHarness
 from support import free_port
 
 from greenmail import admin, wire
-from greenmail.config import from_dict
-from greenmail.connection import Transport
-from greenmail.daemon import offload, shielded
-from greenmail.metrics import Metrics
-from greenmail.outbox import Outbox
 from greenmail.queuefile import Entry, State, parse_name
 from greenmail.session import Session
-from greenmail.spool import Spool
 
 T = 0.4  # every SMTP timeout, seconds
 MIN_BACKOFF = 300
@@ -58,66 +53,14 @@ def gwait(predicate, timeout: float = 10.0, what: str = ""):
     return value
 
 
-class Harness:
+class Harness(BaseHarness):
+    """The stage machine one command at a time; PIPELINING has tests of its own."""
+
+    timeout = T
+
     def __init__(self, tmp_path: Path, port: int, **overrides: dict) -> None:
-        raw = {
-            "spool": {"path": "spool"},
-            # the stage machine one command at a time; PIPELINING has tests of its own
-            "relay": {"host": "127.0.0.1", "port": port, "helo": "client.test", "pipelining": False},
-            "retry": {"min_backoff": MIN_BACKOFF, "max_backoff": 4000},
-            "timeouts": {
-                k: T for k in ("connect", "banner", "command", "data_init", "data_block", "data_end")
-            },
-            "metrics": {"listen": ""},
-        }
-        for section, values in overrides.items():
-            raw.setdefault(section, {}).update(values)
-        self.cfg = from_dict(raw, base=tmp_path)
-        self.spool = Spool(self.cfg.spool.path)
-        self.spool.ensure()
-        self.metrics = Metrics()
-        self.outbox = Outbox(self.spool, self.cfg.retry, self.metrics, offload, shield=shielded)
-        self.transport = Transport.build(self.cfg.relay, self.cfg.timeouts, self.metrics, "client.test")
-        self.greeted: list[bool] = []
-
-    def enqueue(self, *rcpts: str, sender: str = SENDER, body: bytes = BODY) -> str:
-        return self.spool.enqueue(sender, list(rcpts or (RCPT,)), body)
-
-    def session(self) -> gevent.Greenlet:
-        self.outbox.refresh()
-        s = Session(self.transport, self.outbox, on_greeted=self.greeted.append)
-        return gevent.spawn(s.run)
-
-    def run(self, timeout: float = 10.0) -> float:
-        """One session to its end; returns how long it took. Every claim must be settled."""
-        started = time.monotonic()
-        g = self.session()
-        g.join(timeout)
-        assert g.dead, f"session still running after {timeout}s"
-        g.get()  # re-raise whatever killed it
-        self.assert_settled()
-        return time.monotonic() - started
-
-    def assert_settled(self) -> None:
-        assert self.names("outgoing_active") == []
-
-    def names(self, sub: str) -> list[str]:
-        return sorted(n for n in os.listdir(self.spool.dir(sub)) if not n.startswith("."))
-
-    def where(self, qid: str) -> tuple[str, Entry] | None:
-        """(directory, entry) of a message; None once it is gone (delivered)."""
-        for sub in ("outgoing", "outgoing_active", "failed", "corrupt"):
-            for name in self.names(sub):
-                e = parse_name(name.split("@")[0])
-                if e is not None and e.id == qid:
-                    return sub, e
-        return None
-
-    def state(self, qid: str) -> State:
-        return self.spool.read_state(qid)
-
-    def m(self, name: str, **labels: str) -> float:
-        return self.metrics.registry.get_sample_value(f"greenmail_{name}", labels) or 0.0
+        relay = {"pipelining": False, **overrides.pop("relay", {})}
+        super().__init__(tmp_path, port, relay=relay, **overrides)
 
 
 @pytest.fixture

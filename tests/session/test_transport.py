@@ -10,26 +10,18 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import gevent
 import pytest
 from faultserver import FaultServer, ehlo
+from session_harness import Harness as BaseHarness
 from support import free_port
 
 from greenmail import wire
-from greenmail.config import from_dict
-from greenmail.connection import Transport
-from greenmail.daemon import offload, shielded
-from greenmail.metrics import Metrics
-from greenmail.outbox import Outbox
-from greenmail.queuefile import Entry, State, parse_name
-from greenmail.session import Session
+from greenmail.queuefile import Entry, State
 from greenmail.shaping import RateLimiter, Throttle
-from greenmail.spool import Spool
 
 T = 0.5  # every SMTP timeout, seconds
 MIN_BACKOFF = 300
@@ -48,86 +40,8 @@ PROOF = "hold_mail"  # the fault server's pipelining proof option
 REQUEUE_REASONS = ("temporary", "timeout", "connection", "protocol", "shutdown")
 
 
-class Harness:
-    def __init__(
-        self,
-        tmp_path: Path,
-        port: int,
-        throttle: Throttle | None = None,
-        limiter: RateLimiter | None = None,
-        password: str | None = None,
-        **overrides: dict,
-    ) -> None:
-        raw = {
-            "spool": {"path": "spool"},
-            "relay": {"host": "127.0.0.1", "port": port, "helo": "client.test"},
-            "retry": {"min_backoff": MIN_BACKOFF, "max_backoff": 4000},
-            "timeouts": {
-                k: T for k in ("connect", "banner", "command", "data_init", "data_block", "data_end")
-            },
-            "metrics": {"listen": ""},
-        }
-        for section, values in overrides.items():
-            raw.setdefault(section, {}).update(values)
-        if "hosts" in raw["relay"]:
-            del raw["relay"]["host"], raw["relay"]["port"]
-        if password is not None:
-            (tmp_path / "password").write_text(password + "\n")
-            raw["relay"]["password_file"] = "password"
-        self.cfg = from_dict(raw, base=tmp_path)
-        self.spool = Spool(self.cfg.spool.path)
-        self.spool.ensure()
-        self.metrics = Metrics()
-        self.outbox = Outbox(self.spool, self.cfg.retry, self.metrics, offload, shield=shielded)
-        self.transport = Transport.build(
-            self.cfg.relay, self.cfg.timeouts, self.metrics, "client.test", throttle
-        )
-        self.limiter = limiter
-        self.greeted: list[bool] = []
-
-    def enqueue(self, *rcpts: str, sender: str = SENDER, body: bytes = BODY) -> str:
-        return self.spool.enqueue(sender, list(rcpts or (RCPT,)), body)
-
-    def session(self) -> gevent.Greenlet:
-        self.outbox.refresh()
-        s = Session(self.transport, self.outbox, on_greeted=self.greeted.append, limiter=self.limiter)
-        return gevent.spawn(s.run)
-
-    def run(self, timeout: float = 10.0) -> float:
-        """One session to its end; returns how long it took. Every claim must be settled."""
-        started = time.monotonic()
-        g = self.session()
-        g.join(timeout)
-        assert g.dead, f"session still running after {timeout}s"
-        g.get()  # re-raise whatever killed it
-        self.assert_settled()
-        return time.monotonic() - started
-
-    def assert_settled(self) -> None:
-        assert self.names("outgoing_active") == []
-
-    def names(self, sub: str) -> list[str]:
-        return sorted(n for n in os.listdir(self.spool.dir(sub)) if not n.startswith("."))
-
-    def where(self, qid: str) -> tuple[str, Entry] | None:
-        """(directory, entry) of a message; None once it is gone (delivered)."""
-        for sub in ("outgoing", "outgoing_active", "failed", "corrupt"):
-            for name in self.names(sub):
-                e = parse_name(name.split("@")[0])
-                if e is not None and e.id == qid:
-                    return sub, e
-        return None
-
-    def others(self, *qids: str) -> list[str]:
-        """Queue ids in outgoing/ and failed/ other than ``qids`` (bounces)."""
-        return [parse_name(n).id for s in ("outgoing", "failed") for n in self.names(s)
-                if parse_name(n).id not in qids]  # fmt: skip
-
-    def state(self, qid: str) -> State:
-        return self.spool.read_state(qid)
-
-    def m(self, name: str, **labels: str) -> float:
-        return self.metrics.registry.get_sample_value(f"greenmail_{name}", labels) or 0.0
+class Harness(BaseHarness):
+    timeout = T
 
 
 @pytest.fixture
