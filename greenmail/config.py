@@ -8,7 +8,6 @@ Must not touch: the spool, sockets, gevent.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tomllib
 from collections.abc import Callable
@@ -91,6 +90,8 @@ def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
+        import ipaddress  # only the daemon asks
+
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False

@@ -16,11 +16,9 @@ import fcntl
 import io
 import logging
 import os
-import secrets
 import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -137,6 +135,8 @@ class Spool:
             if len(items) == 1:
                 written.append(self._write_tmp(*items[0]))
             elif items:
+                from concurrent.futures import ThreadPoolExecutor  # only batches need it
+
                 with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
                     written.extend(pool.map(lambda item: self._write_tmp(*item), items))
             for qid, tmp in written:
@@ -265,7 +265,7 @@ class Spool:
             return State()
 
     def write_state(self, qid: str, state: State) -> None:
-        tmp = self.dir(TMP) / f".meta.{qid}.{secrets.token_hex(4)}"
+        tmp = self.dir(TMP) / f".meta.{qid}.{os.urandom(4).hex()}"
         with open(tmp, "wb") as f:
             f.write(state.to_bytes())
             f.flush()
@@ -384,7 +384,7 @@ class Spool:
 
 def new_owner() -> str:
     """This daemon's name in claims: host, pid and a random part."""
-    return f"{HOST}.{os.getpid()}.{secrets.token_hex(4)}"
+    return f"{HOST}.{os.getpid()}.{os.urandom(4).hex()}"
 
 
 class _Reader:
