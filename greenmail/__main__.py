@@ -1,5 +1,5 @@
 """``python -m greenmail`` is the ``greenmail`` command."""
 
-from greenmail.cli import entry
+from greenmail.entry import main
 
-entry()
+main()

@@ -11,14 +11,24 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from greenmail import entry
+from greenmail.entry import (
+    EX_CANTCREAT,
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    fail,
+    load_config,
+    open_spool,
+)
+
 if TYPE_CHECKING:
     from greenmail.config import Config
-
-EX_USAGE, EX_DATAERR, EX_SOFTWARE, EX_CANTCREAT, EX_TEMPFAIL, EX_CONFIG = 64, 65, 70, 73, 75, 78
 
 config_option = click.option(
     "--config",
@@ -27,33 +37,6 @@ config_option = click.option(
     type=click.Path(dir_okay=False),
     help="configuration file (default: $GREENMAIL_CONFIG, then /etc/greenmail/greenmail.toml)",
 )
-
-
-def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"greenmail: {message}", err=True)
-    sys.exit(code)
-
-
-def load_config(path: str | None) -> Config:
-    from greenmail.config import load
-    from greenmail.errors import ConfigError
-
-    try:
-        return load(path)
-    except ConfigError as e:
-        fail(f"configuration error: {e}", EX_CONFIG)
-
-
-def open_spool(cfg: Config) -> Any:
-    from greenmail.errors import GreenmailError
-    from greenmail.spool import Spool
-
-    spool = Spool(cfg.spool.path)
-    try:
-        spool.ensure()
-    except GreenmailError as e:
-        fail(str(e), EX_CANTCREAT)
-    return spool
 
 
 def setup_logging(verbose: bool = False, fmt: str = "text", config: Config | None = None) -> None:
@@ -82,19 +65,7 @@ def main() -> None:
 @click.option("--to", "recipients", required=True, multiple=True, help="envelope recipient (repeatable)")
 def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -> None:
     """Read one message on stdin, spool it, print its queue id."""
-    from greenmail.errors import AddressError, EnqueueError
-
-    if not sender:  # the null sender is written '<>'; an empty --from is a mistake
-        fail("invalid address: empty address (use '<>' for the null sender)", EX_USAGE)
-    cfg = load_config(config_path)
-    spool = open_spool(cfg)
-    try:
-        qid = spool.enqueue(sender, recipients, sys.stdin.buffer)
-    except AddressError as e:
-        fail(f"invalid address: {e}", EX_USAGE)
-    except EnqueueError as e:
-        fail(str(e), EX_DATAERR if "empty" in str(e) else EX_CANTCREAT)
-    click.echo(qid)
+    entry.enqueue(config_path, sender, recipients)
 
 
 @main.command()
@@ -301,15 +272,3 @@ def sendmail(ctx: click.Context, argv: tuple[str, ...]) -> None:
         fail(f"sendmail: {e}", EX_DATAERR)
     except EnqueueError as e:
         fail(f"sendmail: {e}", EX_TEMPFAIL)
-
-
-def entry() -> None:
-    """Console entry point; invoked as ``sendmail`` (a symlink) it is ``greenmail sendmail``."""
-    import os
-
-    if os.path.basename(sys.argv[0]) == "sendmail":
-        main(args=["sendmail", *sys.argv[1:]], prog_name="sendmail")
-    elif os.path.basename(sys.argv[0]) == "mailq":
-        main(args=["queue", "list", *sys.argv[1:]], prog_name="mailq")
-    else:
-        main(prog_name="greenmail")
