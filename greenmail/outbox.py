@@ -28,7 +28,7 @@ from greenmail import bounce
 from greenmail.config import RetryConfig
 from greenmail.errors import CorruptQueueFile
 from greenmail.metrics import Metrics, SpoolGauges
-from greenmail.queuefile import HOST, Entry, id_time
+from greenmail.queuefile import HOST, Entry, id_time, parse_name
 from greenmail.spool import ACTIVE, FAILED, Claim, Spool
 
 log = logging.getLogger("greenmail.queue")
@@ -90,6 +90,19 @@ class Outbox:
         entries = self.offload(self.spool.scan, (frozenset(self._known),))
         self._add(entries)
         self.metrics.scans.labels(trigger="wakeup").inc()
+        return self.due_count()
+
+    def arrived(self, names: list[str]) -> int:
+        """Index names reported new in outgoing/ (no listing); a foreign name means a scan."""
+        entries = []
+        for name in names:
+            if name.startswith("."):
+                continue
+            entry = parse_name(name)
+            if entry is None:
+                return self.wakeup()  # adopting a foreign name renames it: the scan does that
+            entries.append(entry)
+        self._add(entries)
         return self.due_count()
 
     def _add(self, entries: list[Entry]) -> None:

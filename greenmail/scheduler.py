@@ -23,7 +23,8 @@ from greenmail.config import Config
 from greenmail.metrics import Metrics
 from greenmail.outbox import Outbox
 from greenmail.shaping import Throttle
-from greenmail.spool import Spool
+from greenmail.spool import OUTGOING, Spool
+from greenmail.watch import Inotify
 
 log = logging.getLogger("greenmail.scheduler")
 WAKE_POLL = 0.2  # seconds between looks at outgoing/'s mtime
@@ -86,22 +87,35 @@ class Scheduler:
         self.metrics.heartbeat.set(self.last_check)
 
     def watch(self) -> None:
-        """Wake-ups: a new file in outgoing/ is seen within a second.
+        """Wake-ups: a new file in outgoing/ is seen at once (inotify) or within a second.
 
-        The directory's mtime is looked at every WAKE_POLL seconds; since an
+        With inotify the names it reports go straight into the index. As a
+        safety net (other hosts on a shared filesystem, inotify missing or
+        overflowing) outgoing/'s mtime is looked at every WAKE_POLL seconds
+        and new names looked for at least every FORCED_WAKE seconds, since an
         mtime can stay the same across a change (coarse timestamps, NFS
-        attribute caches, two renames in one tick), new names are also
-        looked for at least every FORCED_WAKE seconds.
+        attribute caches, two renames in one tick).
         """
+        notify = Inotify.open(self.spool.dir(OUTGOING))
         seen = None
         last = 0.0
-        while not self.stopping:
-            now = self.spool.outgoing_mtime()
-            if now != seen or time.monotonic() - last >= FORCED_WAKE:
-                seen, last = now, time.monotonic()
-                self.outbox.wakeup()
-                self.fill()
-            gevent.sleep(WAKE_POLL)
+        try:
+            while not self.stopping:
+                names = notify.wait(WAKE_POLL) if notify is not None else gevent.sleep(WAKE_POLL)
+                if names:
+                    self.outbox.arrived(names)
+                    self.fill()
+                now = self.spool.outgoing_mtime()
+                overflow = notify is not None and notify.overflowed
+                if overflow or (notify is None and now != seen) or time.monotonic() - last >= FORCED_WAKE:
+                    if notify is not None:
+                        notify.overflowed = False
+                    seen, last = now, time.monotonic()
+                    self.outbox.wakeup()
+                    self.fill()
+        finally:
+            if notify is not None:
+                notify.close()
 
     def stop(self) -> None:
         self.stopping = True

@@ -41,6 +41,7 @@ class Sink:
 
     def handle(self, sock: stdsocket.socket, addr: tuple[str, int]) -> None:
         sock.settimeout(IDLE_TIMEOUT)
+        sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)  # pipelined replies go out at once
         rfile = sock.makefile("rb")
         try:
             _Conversation(self, sock, rfile).run()

@@ -1,0 +1,76 @@
+"""Noticing new files in outgoing/ at once: Linux inotify, read cooperatively.
+
+Owns: an inotify descriptor on one directory (files renamed in, or closed
+after writing), waited on through gevent so the hub is never blocked, and
+the names it reports. Where inotify is missing (another OS, no ctypes, a
+limit reached) ``Inotify.open`` returns None and the scheduler polls.
+Network filesystems do not report other hosts' changes: the scheduler's
+polling stays on as the safety net.
+Must not touch: the spool's files, the index.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+from pathlib import Path
+
+from gevent.socket import wait_read
+
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_TO = 0x00000080
+IN_Q_OVERFLOW = 0x00004000
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
+
+
+class Inotify:
+    """New names in one directory, as inotify reports them."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.overflowed = False
+
+    @classmethod
+    def open(cls, directory: Path) -> Inotify | None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd < 0:
+                return None
+            if libc.inotify_add_watch(fd, os.fsencode(directory), IN_MOVED_TO | IN_CLOSE_WRITE) < 0:
+                os.close(fd)
+                return None
+        except (OSError, AttributeError):
+            return None
+        return cls(fd)
+
+    def wait(self, timeout: float) -> list[str] | None:
+        """Names that arrived (possibly none), or None when ``timeout`` passed without any."""
+        try:
+            wait_read(self.fd, timeout)
+        except TimeoutError:
+            return None
+        try:
+            data = os.read(self.fd, 64 * 1024)
+        except BlockingIOError:
+            return []
+        return self._names(data)
+
+    def _names(self, data: bytes) -> list[str]:
+        names = []
+        pos = 0
+        while pos + _EVENT.size <= len(data):
+            _, mask, _, length = _EVENT.unpack_from(data, pos)
+            pos += _EVENT.size
+            raw = data[pos : pos + length].rstrip(b"\0")
+            pos += length
+            if mask & IN_Q_OVERFLOW:
+                self.overflowed = True  # events were lost: the caller rescans
+            elif raw:
+                names.append(os.fsdecode(raw))
+        return names
+
+    def close(self) -> None:
+        os.close(self.fd)
