@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import gevent
+from gevent.event import AsyncResult
 
 from greenmail import bounce
 from greenmail.config import RetryConfig
@@ -69,6 +70,8 @@ class Outbox:
         self._due: deque[Entry] = deque()
         self._waiting: list[tuple[int, str, Entry]] = []
         self._known: set[str] = set()
+        self._done_queue: list[tuple[Claim, AsyncResult]] = []
+        self._flushing = False
         self.stopping = False
         self.gauges = SpoolGauges(metrics)
 
@@ -201,11 +204,35 @@ class Outbox:
             self.offload(self.spool.fail, (claim,))
             result = "failed"
         else:
-            self.offload(self.spool.done, (claim,))
+            self._commit_done(claim)
             result = "delivered"
         self.metrics.attempts.labels(result=result).inc()
         self.gauges.settled(claim.id, result)
         return result
+
+    def _commit_done(self, claim: Claim) -> None:
+        """Remove a delivered message; concurrent removals share one directory fsync."""
+        waiter: AsyncResult = AsyncResult()
+        self._done_queue.append((claim, waiter))
+        if not self._flushing:
+            self._flushing = True
+            gevent.spawn(self._flush_done)
+        waiter.get()
+
+    def _flush_done(self) -> None:
+        try:
+            while self._done_queue:
+                batch, self._done_queue = self._done_queue, []
+                try:
+                    self.offload(self.spool.done_many, ([c for c, _ in batch],))
+                except Exception as e:  # every waiter hears of it
+                    for _, w in batch:
+                        w.set_exception(e)
+                else:
+                    for _, w in batch:
+                        w.set(None)
+        finally:
+            self._flushing = False
 
     def release(self, claim: Claim, reason: str) -> None:
         """Put a claim back (shutdown: untouched, due as before; else with backoff)."""
