@@ -183,7 +183,7 @@ class SpoolGauges:
         self._n["active"] += 1
         if qid in self._live:
             self._claimed[qid] = self._live[qid]
-        self._publish()
+        self._publish(oldest=False)
 
     def dropped(self, qid: str, deferred: bool) -> None:
         """An indexed message vanished (claimed elsewhere, deleted, corrupt)."""
@@ -204,27 +204,28 @@ class SpoolGauges:
     def listed(self, active: int, failed: int) -> None:
         """Resync from a listing of outgoing_active/ and failed/."""
         self._n["active"], self._n["failed"] = active, failed
-        self._publish()
+        self._publish(oldest=False)
 
     def _forget(self, qid: str) -> None:
         self._live.pop(qid, None)
         self._claimed.pop(qid, None)
 
-    def _publish(self) -> None:
+    def _publish(self, oldest: bool = True) -> None:
         """Set the gauges that changed (this runs for every message event)."""
+        shown = self._shown
+        for state, n in self._n.items():
+            if shown.get(state) != n:
+                self._metrics.spool.labels(state=state).set(max(0, n))
+                shown[state] = n
+        if not oldest:
+            return
         heap, live = self._heap, self._live
         while heap and live.get(heap[0][1]) != heap[0][0]:
             heapq.heappop(heap)
-        shown = self._shown
-        for state, n in self._n.items():
-            value = max(0, n)
-            if shown.get(state) != value:
-                self._metrics.spool.labels(state=state).set(value)
-                shown[state] = value
-        oldest = heap[0][0] if heap else 0
-        if shown.get("oldest") != oldest:
-            self._metrics.oldest.set(oldest)
-            shown["oldest"] = oldest
+        first = heap[0][0] if heap else 0
+        if shown.get("oldest") != first:
+            self._metrics.oldest.set(first)
+            shown["oldest"] = first
 
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]

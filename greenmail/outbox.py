@@ -106,6 +106,7 @@ class Outbox:
                 return self.wakeup()  # adopting a foreign name renames it: the scan does that
             entries.append(entry)
         self._add(entries)
+        self.metrics.scans.labels(trigger="wakeup").inc()  # a wake-up, without a listing
         return self.due_count()
 
     def _add(self, entries: list[Entry]) -> None:

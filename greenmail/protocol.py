@@ -25,11 +25,11 @@ class Stage(enum.IntEnum):
     STARTTLS = 6  # transport stages, after the seed's 0-5
     AUTH = 7
 
-    @property
-    def label(self) -> str:
-        """The stage name used in logs, metric labels and test ids."""
-        return self.name.lower()
+    label: str  # the stage name used in logs, metric labels and test ids (set below)
 
+
+for _stage in Stage:
+    _stage.label = _stage.name.lower()  # an attribute, not a property: read several times per message
 
 STAGES: tuple[str, ...] = tuple(s.label for s in Stage)
 
