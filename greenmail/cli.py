@@ -125,13 +125,33 @@ def queue_list(config_path: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([i.as_json() for i in infos], indent=2))
         return
+    if infos:
+        head = f"{'-Queue ID-':<26} {'-State-':<9} {'--Size--':>9}"
+        click.echo(f"{head} -Arrival, age, attempts, next- -Sender/Recipient-")
     for i in infos:
-        click.echo(f"{i.id:<26} {i.state:<9} {i.size:>9} {i.queued_at}  attempts={i.attempts}  <{i.sender}>")
+        nxt = f"  next={i.next_attempt}" if i.next_attempt else ""
+        click.echo(
+            f"{i.id:<26} {i.state:<9} {i.size:>9} {i.queued_at} age={_age(i.queued_at)}"
+            f"  attempts={i.attempts}{nxt}  <{i.sender}>"
+        )
         for rcpt, st in i.recipient_states.items():
             click.echo(f"{'':<26} {st:<9} <{rcpt}>")
         if i.last_error:
             click.echo(f"{'':<26} ({i.last_error})")
     click.echo(f"-- {len(infos)} message{'s' if len(infos) != 1 else ''}")
+
+
+def _age(iso: str) -> str:
+    """How long ago an ISO 8601 UTC time was, as 42s, 7m, 3h or 2d."""
+    from datetime import UTC, datetime
+
+    seconds = max(
+        0, int((datetime.now(UTC) - datetime.fromisoformat(iso.replace("Z", "+00:00"))).total_seconds())
+    )
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 @queue.command("show")
