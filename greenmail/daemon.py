@@ -184,3 +184,4 @@ class Daemon:
             if not pool.join(timeout=grace):
                 log.warning("grace period over: stopping %d sessions, their messages go back", len(pool))
                 pool.kill(timeout=max(5.0, self.cfg.timeouts.command))
+        self.outbox.flush()  # the last removals made durable before exit

@@ -120,6 +120,7 @@ class Metrics:
         for metric in (self.stage_reached, self.replies, self.requeues, self.attempts, self.recipients,
                        self.connects, self.spool, self.scans):  # fmt: skip
             _cache_labels(metric)
+        self._reply_children: dict[tuple[str, int | None], Any] = {}
         self._preset()
 
     def _preset(self) -> None:
@@ -136,8 +137,11 @@ class Metrics:
 
     def reply(self, stage: str, code: int | None) -> None:
         """Count a reply; ``None`` (or anything not 3 digits) is an unparseable one."""
-        label = str(code) if code is not None and 100 <= code <= 999 else "other"
-        self.replies.labels(stage=stage, code=label).inc()
+        child = self._reply_children.get((stage, code))
+        if child is None:
+            label = str(code) if code is not None and 100 <= code <= 999 else "other"
+            child = self._reply_children[(stage, code)] = self.replies.labels(stage=stage, code=label)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import gevent
-from gevent.event import AsyncResult
 
 from greenmail import bounce
 from greenmail.config import RetryConfig
@@ -34,6 +33,7 @@ from greenmail.spool import ACTIVE, FAILED, Claim, Spool
 
 log = logging.getLogger("greenmail.queue")
 YIELD_EVERY = 2000
+SYNC_GATHER = 0.005  # seconds removals wait to share a directory fsync
 T = TypeVar("T")
 Offload = Callable[..., Any]
 
@@ -70,8 +70,8 @@ class Outbox:
         self._due: deque[Entry] = deque()
         self._waiting: list[tuple[int, str, Entry]] = []
         self._known: set[str] = set()
-        self._done_queue: list[tuple[Claim, AsyncResult]] = []
-        self._flushing = False
+        self._unsynced = False  # removals not yet covered by a directory fsync
+        self._syncer: gevent.Greenlet | None = None
         self.stopping = False
         self.gauges = SpoolGauges(metrics)
 
@@ -212,28 +212,34 @@ class Outbox:
         return result
 
     def _commit_done(self, claim: Claim) -> None:
-        """Remove a delivered message; concurrent removals share one directory fsync."""
-        waiter: AsyncResult = AsyncResult()
-        self._done_queue.append((claim, waiter))
-        if not self._flushing:
-            self._flushing = True
-            gevent.spawn(self._flush_done)
-        waiter.get()
+        """Remove a delivered message now; make the removal durable in the background.
 
-    def _flush_done(self) -> None:
-        try:
-            while self._done_queue:
-                batch, self._done_queue = self._done_queue, []
-                try:
-                    self.offload(self.spool.done_many, ([c for c, _ in batch],))
-                except Exception as e:  # every waiter hears of it
-                    for _, w in batch:
-                        w.set_exception(e)
-                else:
-                    for _, w in batch:
-                        w.set(None)
-        finally:
-            self._flushing = False
+        The unlink happens here, on the hub (a metadata operation, like the
+        claim's rename), so outgoing_active/ always tells the truth; the
+        directory fsync runs in the threadpool, one at a time, covering every
+        removal made before it started. No session waits for the disk;
+        ``flush()`` at shutdown waits for the last fsync.
+        """
+        self.spool.remove(claim)
+        self._unsynced = True
+        if self._syncer is None or self._syncer.dead:
+            self._syncer = gevent.spawn(self._sync_removals)
+
+    def _sync_removals(self) -> None:
+        while self._unsynced:
+            gevent.sleep(SYNC_GATHER)  # let removals gather: one fsync covers them all
+            self._unsynced = False
+            try:
+                self.offload(self.spool.sync_active)
+            except OSError as e:
+                log.error("fsync of outgoing_active/ failed: %s", e)
+
+    def flush(self) -> None:
+        """Wait until every removal so far is durable."""
+        if self._syncer is not None:
+            self._syncer.join()
+        if self._unsynced:
+            self._sync_removals()
 
     def release(self, claim: Claim, reason: str) -> None:
         """Put a claim back (shutdown: untouched, due as before; else with backoff)."""

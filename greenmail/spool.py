@@ -256,6 +256,7 @@ class Spool:
                 body: bytes | None = f.read()
             else:
                 body = None
+        # always looked up: a crash between a state write and its rename leaves a fresh name with state
         state, has_meta = self._load_state(entry.id)
         queued_at = min(id_time(entry.id) or st.st_mtime, st.st_mtime)  # our ids carry the enqueue time
         return Claim(entry, Path(path), env, state, size, queued_at, body=body, has_meta=has_meta)
@@ -285,17 +286,19 @@ class Spool:
             os.unlink(self.dir(META) / f"{qid}.json")
 
     def done(self, claim: Claim) -> None:
-        """The message needs nothing more: remove it, then its state."""
-        self.done_many([claim])
+        """The message needs nothing more: remove it and its state, durably."""
+        self.remove(claim)
+        self.sync_active()
 
-    def done_many(self, claims: list[Claim]) -> None:
-        """``done`` for several claims with one directory fsync (group commit)."""
-        for claim in claims:
-            os.unlink(claim.path)
+    def remove(self, claim: Claim) -> None:
+        """Remove a finished message, then its state file (no fsync: see ``sync_active``)."""
+        os.unlink(claim.path)
+        if claim.has_meta:
+            self._drop_state(claim.id)
+
+    def sync_active(self) -> None:
+        """Make removals from outgoing_active/ durable (one fsync covers all before it)."""
         fsync_dir(self.dir(ACTIVE))
-        for claim in claims:
-            if claim.has_meta:
-                self._drop_state(claim.id)
 
     def requeue(self, claim: Claim, next_at: int, *, attempt: bool = True, state: bool = True) -> Entry:
         """Put a claimed message back into outgoing/, due at ``next_at``.

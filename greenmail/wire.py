@@ -147,7 +147,13 @@ class LineNormaliser:
             self._held_cr = True
         if not chunk:
             return b""
-        out = self._transform(_EOL.sub(b"\r\n", chunk))
+        if b"\r" not in chunk:  # the common cases first, without a regular expression
+            out = chunk.replace(b"\n", b"\r\n")
+        elif chunk.count(b"\r") == chunk.count(b"\n") == chunk.count(b"\r\n"):
+            out = chunk
+        else:
+            out = _EOL.sub(b"\r\n", chunk)
+        out = self._transform(out)
         self._line_start = out.endswith(b"\r\n")
         return out
 
