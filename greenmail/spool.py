@@ -248,14 +248,19 @@ class Spool:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise CorruptQueueFile("not a regular file")
-        with os.fdopen(fd, "rb") as f:
-            env = read_envelope(f)
+        body: bytes | None = None
+        if st.st_size <= SMALL_BODY:  # small: one read, parsed in memory
+            try:
+                data = os.read(fd, st.st_size + 1)
+            finally:
+                os.close(fd)
+            env = read_envelope(io.BytesIO(data))
+            body = data[env.body_offset :]
+            size = len(body)
+        else:
+            with os.fdopen(fd, "rb") as f:
+                env = read_envelope(f)
             size = st.st_size - env.body_offset
-            if size <= SMALL_BODY:
-                f.seek(env.body_offset)
-                body: bytes | None = f.read()
-            else:
-                body = None
         # always looked up: a crash between a state write and its rename leaves a fresh name with state
         state, has_meta = self._load_state(entry.id)
         queued_at = min(id_time(entry.id) or st.st_mtime, st.st_mtime)  # our ids carry the enqueue time
