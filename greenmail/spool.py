@@ -12,7 +12,6 @@ Must not touch: gevent, SMTP codes, metrics, configuration files.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import logging
 import os
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from greenmail import address
+from greenmail import address, owners
 from greenmail.errors import CorruptQueueFile, EnqueueError, GreenmailError
 from greenmail.queuefile import (
     HOST,
@@ -326,67 +325,23 @@ class Spool:
         os.rename(claim.path, self.dir(FAILED) / format_name(e.id, e.attempts + 1, 0))
         fsync_dir(self.dir(FAILED))
 
-    # -- owners and recovery ---------------------------------------------------
+    # -- owners and recovery (owners.py) ------------------------------------------
 
     def lock_owner(self) -> None:
-        """Announce this daemon: an flock'd file in owners/, held until exit.
-
-        The file is locked under a temporary name and renamed into place, so
-        no other daemon can see it unlocked and take it for a dead one.
-        """
-        tmp = self.dir(OWNERS) / f".{self.owner}.lock"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.rename(tmp, self.dir(OWNERS) / f"{self.owner}.lock")
-        self._lock_fd = fd
+        """Announce this daemon: an flock'd file in owners/, held until exit."""
+        self._lock_fd = owners.lock(self.dir(OWNERS), self.owner)
 
     def unlock_owner(self) -> None:
-        if self._lock_fd is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.dir(OWNERS) / f"{self.owner}.lock")
-        os.close(self._lock_fd)
-        self._lock_fd = None
+        if self._lock_fd is not None:
+            owners.unlock(self.dir(OWNERS), self.owner, self._lock_fd)
+            self._lock_fd = None
 
     def recover(self) -> int:
         """Return claims of dead daemons to outgoing/; a live daemon's are left alone."""
-        alive: dict[str, bool] = {}
-        moved = 0
-        with os.scandir(self.dir(ACTIVE)) as it:
-            names = [de.name for de in it]
-        for name in names:
-            base, at, owner = name.rpartition("@")
-            if not at or owner == self.owner:
-                continue
-            if owner not in alive:
-                alive[owner] = self._owner_alive(owner)
-            if alive[owner]:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(self.dir(ACTIVE) / name, self.dir(OUTGOING) / base)
-                moved += 1
-                log.info("%s: claim of dead daemon %s returned to outgoing/", base.split(",")[0], owner)
-        for owner, live in alive.items():
-            if not live:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.dir(OWNERS) / f"{owner}.lock")
+        moved = owners.recover(self.dir(OWNERS), self.dir(ACTIVE), self.dir(OUTGOING), self.owner)
         if moved:
             fsync_dir(self.dir(OUTGOING))
         return moved
-
-    def _owner_alive(self, owner: str) -> bool:
-        try:
-            fd = os.open(self.dir(OWNERS) / f"{owner}.lock", os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
 
     def clean_tmp(self, max_age: float = STALE_TMP) -> int:
         """Remove files in tmp/ older than ``max_age`` (writers that died)."""
