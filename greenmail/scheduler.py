@@ -29,6 +29,7 @@ from greenmail.watch import Inotify
 log = logging.getLogger("greenmail.scheduler")
 WAKE_POLL = 0.2  # seconds between looks at outgoing/'s mtime
 FORCED_WAKE = 0.8  # seconds between looks for new names even when the mtime did not change
+FORCED_WAKE_NOTIFIED = 10.0  # the same, while inotify reports the changes
 
 SessionFactory = Callable[[Callable[[bool], None]], Callable[[], None]]
 
@@ -89,16 +90,18 @@ class Scheduler:
     def watch(self) -> None:
         """Wake-ups: a new file in outgoing/ is seen at once (inotify) or within a second.
 
-        With inotify the names it reports go straight into the index. As a
-        safety net (other hosts on a shared filesystem, inotify missing or
-        overflowing) outgoing/'s mtime is looked at every WAKE_POLL seconds
-        and new names looked for at least every FORCED_WAKE seconds, since an
-        mtime can stay the same across a change (coarse timestamps, NFS
-        attribute caches, two renames in one tick).
+        With inotify the names it reports go straight into the index, and
+        every change of outgoing/'s mtime is explained by an event. A change
+        no event explains (another host on a shared filesystem) means a scan,
+        as does an inotify overflow. Without inotify, the mtime is looked at
+        every WAKE_POLL seconds and new names looked for at least every
+        FORCED_WAKE seconds, since an mtime can stay the same across a change
+        (coarse timestamps, NFS attribute caches, two renames in one tick).
         """
         notify = Inotify.open(self.spool.dir(OUTGOING))
         seen = None
         last = 0.0
+        events = 0
         try:
             while not self.stopping:
                 names = notify.wait(WAKE_POLL) if notify is not None else gevent.sleep(WAKE_POLL)
@@ -106,13 +109,18 @@ class Scheduler:
                     self.outbox.arrived(names)
                     self.fill()
                 now = self.spool.outgoing_mtime()
-                overflow = notify is not None and notify.overflowed
-                if overflow or (notify is None and now != seen) or time.monotonic() - last >= FORCED_WAKE:
-                    if notify is not None:
-                        notify.overflowed = False
-                    seen, last = now, time.monotonic()
+                if notify is None:
+                    due = now != seen or time.monotonic() - last >= FORCED_WAKE
+                else:  # an mtime change that no event explains, or lost events
+                    due = notify.overflowed or (now != seen and notify.events == events)
+                    due = due or time.monotonic() - last >= FORCED_WAKE_NOTIFIED
+                    events = notify.events
+                    notify.overflowed = False
+                if due:
+                    last = time.monotonic()
                     self.outbox.wakeup()
                     self.fill()
+                seen = now
         finally:
             if notify is not None:
                 notify.close()

@@ -20,7 +20,10 @@ from pathlib import Path
 from gevent.socket import wait_read
 
 IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
 IN_MOVED_TO = 0x00000080
+IN_DELETE = 0x00000200
+ARRIVALS = IN_MOVED_TO | IN_CLOSE_WRITE
 IN_Q_OVERFLOW = 0x00004000
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
 
@@ -31,6 +34,7 @@ class Inotify:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.overflowed = False
+        self.events = 0  # events of any kind read so far
 
     @classmethod
     def open(cls, directory: Path) -> Inotify | None:
@@ -39,7 +43,8 @@ class Inotify:
             fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
             if fd < 0:
                 return None
-            if libc.inotify_add_watch(fd, os.fsencode(directory), IN_MOVED_TO | IN_CLOSE_WRITE) < 0:
+            mask = ARRIVALS | IN_MOVED_FROM | IN_DELETE  # departures too: they explain mtime changes
+            if libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
                 os.close(fd)
                 return None
         except (OSError, AttributeError):
@@ -66,9 +71,10 @@ class Inotify:
             pos += _EVENT.size
             raw = data[pos : pos + length].rstrip(b"\0")
             pos += length
+            self.events += 1
             if mask & IN_Q_OVERFLOW:
                 self.overflowed = True  # events were lost: the caller rescans
-            elif raw:
+            elif raw and mask & ARRIVALS:
                 names.append(os.fsdecode(raw))
         return names
 
