@@ -3,7 +3,7 @@
 
     sudo bench/setup.sh             # once: postfix, nullmailer + dma (unpacked), venv, py-spy
     sudo bench/run.py smoke         # every workload at small sizes, 1 run (~5 min)
-    sudo bench/run.py all           # the full run (about 1.5 hours)
+    sudo bench/run.py all           # the full run (about 50 minutes on 2 cores)
 
     bench/run.py drain   [--n 10000,100000] [--conns 10,100] [--runs 3] [--peers greenmail,postfix,...]
     bench/run.py slow    [--n 10000] [--conns 1000] [--delay 2]
@@ -12,6 +12,7 @@
     bench/run.py big     [--mb 50]
     bench/run.py profile [--n 10000] [--conns 10]
     bench/run.py table RESULTS_DIR [RESULTS_DIR ...]   # re-render table.md from raw.tsv files
+    bench/run.py all --resume RESULTS_DIR              # finish an interrupted run
 
 Every command writes bench/results/<UTC date-time>-<command>/ (table.md, raw.tsv,
 env.txt); spools and per-run logs stay in $GREENMAIL_BENCH_WORK (/tmp/greenmail-bench).
@@ -560,6 +561,13 @@ class Ctx:
     def __init__(self, port: int, out: Path, timeout: float, gm_fill: str) -> None:
         self.port, self.out, self.timeout, self.gm_fill = port, out, timeout, gm_fill
         self.rundir = WORK / "runs"
+        self.done: set[tuple[str, ...]] = set()  # measurements a resumed run already has
+
+    def already(self, *key: object) -> bool:
+        if tuple(_cell(k) for k in key) in self.done:
+            log(f"   (already measured: {' '.join(map(str, key))})")
+            return True
+        return False
 
     def new_rundir(self, name: str) -> Path:
         d = WORK / "runs" / name
@@ -1072,26 +1080,28 @@ def _cell(v: object) -> str:
     return str(v).replace("\t", " ").replace("\n", " ")
 
 
-def snapshot_greenmail() -> str:
+def snapshot_greenmail(name: str, reuse: bool) -> str:
     """Run the greenmail code as it is now for the whole run: a copy of greenmail/
     (byte-compiled) first on PYTHONPATH, for the daemon, the CLI and the API calls
-    made here. Edits to the working tree during a long run then change nothing."""
+    made here. Edits to the working tree during a long run then change nothing.
+    A resumed run uses the same copy again."""
     import compileall
     import hashlib
 
-    root = WORK / "snapshot" / str(os.getpid())
-    shutil.rmtree(WORK / "snapshot", ignore_errors=True)
-    shutil.copytree(REPO / "greenmail", root / "greenmail", ignore=shutil.ignore_patterns("__pycache__"))
+    root = WORK / "snapshot" / name
+    if not (reuse and (root / "greenmail").is_dir()):
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(REPO / "greenmail", root / "greenmail", ignore=shutil.ignore_patterns("__pycache__"))
     compileall.compile_dir(root, quiet=1)
     digest = hashlib.sha256()
     for f in sorted((root / "greenmail").glob("*.py")):
         digest.update(f.name.encode() + f.read_bytes())
     os.environ["PYTHONPATH"] = str(root)
     sys.path.insert(0, str(root))
-    return f"snapshot of the working tree taken at start, sha256 {digest.hexdigest()[:12]}"
+    return f"snapshot of greenmail/ in {root}, sha256 {digest.hexdigest()[:12]}"
 
 
-def write_env(out: Path, argv: list[str], code: str = "") -> None:
+def write_env(out: Path, argv: list[str], code: str = "", resumed: bool = False) -> None:
     def sh(cmd: str) -> str:
         r = subprocess.run(cmd, shell=True, capture_output=True, text=True)
         return r.stdout.strip() or "-"
@@ -1120,6 +1130,10 @@ def write_env(out: Path, argv: list[str], code: str = "") -> None:
         f"message: {MSG.stat().st_size} bytes ({MSG.name}), 1 recipient",
     ]
     out.mkdir(parents=True, exist_ok=True)
+    if resumed and (out / "env.txt").exists():  # keep the original header, say what the resumption ran on
+        lines = [(out / "env.txt").read_text().rstrip("\n"),
+                 f"resumed: {lines[0].removeprefix('date: ')} by `{lines[1].removeprefix('command: ')}`, "
+                 f"{lines[4]}; {lines[6]}"]
     (out / "env.txt").write_text("\n".join(lines) + "\n")
 
 
@@ -1130,6 +1144,8 @@ def write_env(out: Path, argv: list[str], code: str = "") -> None:
 
 def measure_drain(ctx: Ctx, res: Results, peer: Peer, n: int, conns: int, run: int,
                   workload: str = "drain", delay: int = 0) -> None:
+    if ctx.already(workload, peer.name, n, peer.conns_label(conns), run):
+        return
     tag = f"{workload}-{peer.name}-n{n}-c{conns}-r{run}"
     ctx.new_rundir(tag)
     log(f"== {workload} {peer.name} N={n} conns={peer.conns_label(conns)} run {run}"
@@ -1184,7 +1200,8 @@ def measure_drain(ctx: Ctx, res: Results, peer: Peer, n: int, conns: int, run: i
         if status == "ok" and delivered != n:
             status = f"extra({delivered - n})"
         wall = t1 - t0
-        row.update(status=status, delivered=f"{delivered}/{n}", wall_s=wall, msg_per_s=n / wall,
+        row.update(status=status, delivered=f"{delivered}/{n}", wall_s=wall,
+                   msg_per_s=n / wall if status == "ok" else None,
                    cpu_s=cpu, peak_rss_mb=sampler.peak_rss_kb / 1024, peak_pss_mb=sampler.peak_pss / 1024,
                    procs=sampler.max_procs, first_s=t_first)
         if proc.poll() is None:
@@ -1230,6 +1247,8 @@ def wl_latency(ctx: Ctx, res: Results, m: int, runs: int, peers: list[str]) -> N
     for run in range(1, runs + 1):
         for name in peers:
             peer = make_peer(ctx, name)
+            if ctx.already("latency", name, m, "idle daemon", run):
+                continue
             ctx.new_rundir(f"latency-{name}-r{run}")
             log(f"== latency {name} M={m} run {run}")
             kill_strays()
@@ -1273,6 +1292,8 @@ def wl_latency(ctx: Ctx, res: Results, m: int, runs: int, peers: list[str]) -> N
 def wl_enqueue(ctx: Ctx, res: Results, n: int, par: int, runs: int, peers: list[str]) -> None:
     for run in range(1, runs + 1):
         for name in peers:
+            if ctx.already("enqueue", name, n, "1 thread" if name == "greenmail_api" else f"{par} par", run):
+                continue
             ctx.new_rundir(f"enqueue-{name}-r{run}")
             log(f"== enqueue {name} N={n} run {run}")
             kill_strays()
@@ -1352,6 +1373,8 @@ def wl_big(ctx: Ctx, res: Results, mb: int, runs: int, peers: list[str]) -> None
     for run in range(1, runs + 1):
         for name in peers:
             peer = make_peer(ctx, name)
+            if ctx.already("big", name, 1, f"{mb} MB", run):
+                continue
             ctx.new_rundir(f"big-{name}-r{run}")
             log(f"== big message {name} {mb} MB run {run}")
             kill_strays()
@@ -1404,6 +1427,9 @@ def wl_big(ctx: Ctx, res: Results, mb: int, runs: int, peers: list[str]) -> None
 
 def wl_profile(ctx: Ctx, n: int, conns: int, rate: int = 250) -> str:
     """py-spy record of `greenmail run --once` draining n messages into smtp-sink."""
+    if ctx.done and (ctx.out / "profile.md").exists():
+        log("   (profile already done)")
+        return (ctx.out / "profile.md").read_text()
     gm = Greenmail(ctx)
     ctx.new_rundir(f"profile-n{n}")
     log(f"== profile: greenmail run --once, N={n}, max_connections={conns}, py-spy {rate} Hz")
@@ -1748,6 +1774,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, default=2625, help="sink port on 127.0.0.1 (latency sink: port+1)")
         p.add_argument("--out", type=Path, help="results directory (default bench/results/<date>-<command>)")
         p.add_argument("--timeout", type=float, default=1800, help="seconds per drain")
+        p.add_argument("--resume", type=Path, metavar="RESULTS_DIR",
+                       help="continue an interrupted run: keep its successful measurements, do the rest")
         p.add_argument("--no-snapshot", action="store_true",
                        help="run greenmail from the working tree instead of a copy taken at start")
         p.add_argument("--gm-fill", choices=("api", "cli"), default="api",
@@ -1835,17 +1863,36 @@ def main(argv: list[str]) -> int:
         return 0
 
     stamp = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime())
-    out = args.out or BENCH / "results" / f"{stamp}-{args.cmd}"
+    out = args.resume or args.out or BENCH / "results" / f"{stamp}-{args.cmd}"
     ctx = Ctx(args.port, out, args.timeout, args.gm_fill)
     res = Results(out)
+    if args.resume:
+        if not (out / "raw.tsv").exists():
+            raise BenchError(f"--resume: no {out / 'raw.tsv'}")
+        old = Results.load([out / "raw.tsv"])
+        res.rows = [r for r in old if r["status"] == "ok"]
+        ctx.done = {(r["workload"], r["peer"], r["n"], r["conns"], r["run"]) for r in res.rows}
+        log(f"resuming {out}: {len(res.rows)} measurements kept, {len(old) - len(res.rows)} failed ones redone")
     all_peers = set(getattr(args, "peers", None) or names(DEFAULT_DRAIN_PEERS + "," + LIVE_PEERS))
     check_setup(all_peers)
     WORK.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    lock = open(WORK / ".lock", "a+")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise BenchError(f"another run.py (pid {lock.read().strip() or '?'}) is using {WORK}; wait for it, "
+                         "or set GREENMAIL_BENCH_WORK and --port for a second one") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
     become_subreaper()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
-    code = "" if args.no_snapshot else snapshot_greenmail()
-    write_env(out, argv, code)
+    code = "" if args.no_snapshot else snapshot_greenmail(out.name, reuse=bool(args.resume))
+    write_env(out, argv, code, resumed=bool(args.resume))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     log(f"results in {out}")
     t_start = time.monotonic()
@@ -1912,4 +1959,8 @@ if __name__ == "__main__":
         py = VENV / "bin" / "python"
         if py.exists() and Path(sys.prefix).resolve() != VENV.resolve():
             os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BenchError as err:
+        log(f"error: {err}")
+        sys.exit(1)
