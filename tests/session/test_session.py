@@ -13,7 +13,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import gevent
@@ -61,19 +60,6 @@ class Harness(BaseHarness):
     def __init__(self, tmp_path: Path, port: int, **overrides: dict) -> None:
         relay = {"pipelining": False, **overrides.pop("relay", {})}
         super().__init__(tmp_path, port, relay=relay, **overrides)
-
-
-@pytest.fixture
-def server() -> Iterator[FaultServer]:
-    with FaultServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def h(tmp_path: Path, server: FaultServer) -> Iterator[Harness]:
-    harness = Harness(tmp_path, server.port)
-    yield harness
-    harness.assert_settled()
 
 
 # -- helpers for expectations ------------------------------------------------------------

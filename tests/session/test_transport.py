@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,19 +41,6 @@ REQUEUE_REASONS = ("temporary", "timeout", "connection", "protocol", "shutdown")
 
 class Harness(BaseHarness):
     timeout = T
-
-
-@pytest.fixture
-def server() -> Iterator[FaultServer]:
-    with FaultServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def h(tmp_path: Path, server: FaultServer) -> Iterator[Harness]:
-    harness = Harness(tmp_path, server.port)
-    yield harness
-    harness.assert_settled()
 
 
 def assert_untouched(h: Harness, qid: str) -> None:
