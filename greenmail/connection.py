@@ -240,10 +240,17 @@ class Connection:
         self.send(b"".join(line for line, _ in lines), lines[0][1].label, self.t.command)
 
     def send(self, data: bytes, label: str, timeout: float) -> None:
-        assert self.sock is not None
-        self.sock.settimeout(timeout)
+        sock = self.sock
+        assert sock is not None
+        sock.settimeout(timeout)
         try:
-            self.sock.sendall(data)
+            sent = sock.send(data)  # gevent's sendall asks the kernel for SO_SNDBUF on every call
+            if sent < len(data):
+                deadline = time.monotonic() + timeout
+                view = memoryview(data)[sent:]
+                while view:
+                    sock.settimeout(max(0.001, deadline - time.monotonic()))
+                    view = view[sock.send(view) :]
         except TimeoutError:
             raise SmtpTimeout(f"timeout after {timeout:g}s sending", label) from None
         except OSError as e:

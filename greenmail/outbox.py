@@ -70,7 +70,7 @@ class Outbox:
         self._due: deque[Entry] = deque()
         self._waiting: list[tuple[int, str, Entry]] = []
         self._known: set[str] = set()
-        self._unsynced = False  # removals not yet covered by a directory fsync
+        self._retired: list[str] = []  # retired files to unlink (then fsync outgoing_active/)
         self._syncer: gevent.Greenlet | None = None
         self.stopping = False
         self.gauges = SpoolGauges(metrics)
@@ -183,6 +183,9 @@ class Outbox:
 
     def finish(self, claim: Claim, reason: str = "temporary") -> str:
         """Settle a claim after a transaction (shielded from kills: see ``shield``)."""
+        state = claim.state
+        if not state.pending(claim.envelope) and "failed" not in state.recipients.values():
+            return self._finish(claim, reason)  # delivered: nothing in it can switch, so no kill lands
         return self.shield(self._finish, claim, reason)
 
     def _finish(self, claim: Claim, reason: str) -> str:
@@ -212,33 +215,34 @@ class Outbox:
         return result
 
     def _commit_done(self, claim: Claim) -> None:
-        """Remove a delivered message now; make the removal durable in the background.
+        """Retire a delivered message now; unlink it and make that durable in the background.
 
-        The unlink happens here, on the hub (a metadata operation, like the
-        claim's rename), so outgoing_active/ always tells the truth; the
-        directory fsync runs in the threadpool, one at a time, covering every
-        removal made before it started. No session waits for the disk;
-        ``flush()`` at shutdown waits for the last fsync.
+        The retiring rename happens here, on the hub (a metadata operation,
+        like the claim's rename), so outgoing_active/ always tells the truth
+        and a kill can never send it again. The unlinks (slow: the kernel
+        frees the blocks) and the directory fsync run in the threadpool, one
+        batch at a time, covering every retirement made before it started.
+        No session waits for the disk; ``flush()`` at shutdown waits for the
+        last batch.
         """
-        self.spool.remove(claim)
-        self._unsynced = True
+        self._retired.extend(self.spool.retire(claim))
         if self._syncer is None or self._syncer.dead:
             self._syncer = gevent.spawn(self._sync_removals)
 
     def _sync_removals(self) -> None:
-        while self._unsynced:
-            gevent.sleep(SYNC_GATHER)  # let removals gather: one fsync covers them all
-            self._unsynced = False
+        while self._retired:
+            gevent.sleep(SYNC_GATHER)  # let retirements gather: one batch, one fsync
+            batch, self._retired = self._retired, []
             try:
-                self.offload(self.spool.sync_active)
+                self.offload(self.spool.purge, (batch,))
             except OSError as e:
-                log.error("fsync of outgoing_active/ failed: %s", e)
+                log.error("removing delivered messages / fsync of outgoing_active/ failed: %s", e)
 
     def flush(self) -> None:
-        """Wait until every removal so far is durable."""
+        """Wait until every removal so far is done and durable."""
         if self._syncer is not None:
             self._syncer.join()
-        if self._unsynced:
+        if self._retired:
             self._sync_removals()
 
     def release(self, claim: Claim, reason: str) -> None:

@@ -626,6 +626,34 @@ def test_done_without_meta(spool: Spool) -> None:
     assert_spool_empty(spool)
 
 
+def test_retire_takes_the_message_and_its_state_out_of_the_queue_at_once(spool: Spool) -> None:
+    qid = spool.enqueue("a@b", ["c@d"], FULL)
+    c = claim_one(spool)
+    c.state.last_error = "x"
+    spool.requeue(c, 0)
+    c = claim_one(spool)
+    assert c.has_meta
+    gone = spool.retire(c)
+    # nothing is left where a scan, a claim, a recovery or the state lookup would find it
+    assert names(spool, ACTIVE) == names(spool, OUTGOING) == names(spool, META) == []
+    assert spool.read_state(qid) == State()
+    assert spool.recover() == 0
+    assert sorted(os.path.basename(p) for p in gone) == names(spool, TMP)
+    assert all(n.startswith(".done.") for n in names(spool, TMP))
+    spool.purge(gone)
+    assert_spool_empty(spool)
+    spool.purge(gone)  # already gone: not an error
+
+
+def test_retired_files_left_by_a_crash_are_cleaned_whatever_their_age(spool: Spool) -> None:
+    spool.enqueue("a@b", ["c@d"], FULL)
+    spool.retire(claim_one(spool))  # and the daemon dies before the purge
+    fresh = spool.dir(TMP) / "FRESH"  # a writer at work: left alone
+    fresh.write_bytes(b"x")
+    assert spool.clean_tmp() == 1
+    assert names(spool, TMP) == ["FRESH"]
+
+
 def test_requeue(spool: Spool) -> None:
     qid = spool.enqueue("a@b", ["c@d", "e@f"], FULL)
     c = claim_one(spool)
