@@ -39,11 +39,13 @@ config_option = click.option(
 )
 
 
-def setup_logging(verbose: bool = False, fmt: str = "text", config: Config | None = None) -> None:
+def setup_logging(
+    verbose: bool = False, fmt: str = "text", config: Config | None = None, batched: bool = False
+) -> None:
     """Logging to stderr in ``fmt`` (text or json); with ``config``, log the configuration line."""
     from greenmail import logfmt
 
-    logfmt.setup(fmt, verbose)
+    logfmt.setup(fmt, verbose, batched=batched)
     if config is not None:
         settings = logfmt.settings(config)
         logging.getLogger("greenmail").info(
@@ -82,7 +84,7 @@ def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -
 def run(config_path: str | None, once: bool, verbose: bool, log_format: str) -> None:
     """Run the delivery daemon in the foreground (logs to stderr)."""
     cfg = load_config(config_path)
-    setup_logging(verbose, log_format, cfg)
+    setup_logging(verbose, log_format, cfg, batched=True)  # the daemon writes pending lines every 0.2 s
     from greenmail.daemon import Daemon
     from greenmail.errors import ConfigError, GreenmailError
 

@@ -23,6 +23,7 @@ from gevent import GreenletExit
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
+from greenmail import logfmt
 from greenmail.config import Config
 from greenmail.connection import Transport
 from greenmail.metrics import Metrics, wsgi_app
@@ -33,6 +34,7 @@ from greenmail.shaping import RateLimiter, Throttle
 from greenmail.spool import Spool
 
 log = logging.getLogger("greenmail")
+LOG_INTERVAL = 0.2  # seconds: how long a log line may wait to be written with others
 
 
 def offload(fn: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
@@ -48,6 +50,13 @@ def offload(fn: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None =
     except GreenletExit:
         result.get()
         raise
+
+
+def _write_logs() -> None:
+    """Pending log lines reach the log within LOG_INTERVAL, even when no more come."""
+    while True:
+        gevent.sleep(LOG_INTERVAL)
+        logfmt.flush()
 
 
 def shielded(fn: Any, *args: Any) -> Any:
@@ -116,6 +125,7 @@ class Daemon:
             self._start(("once", self._run_once) if self.once else ("scheduler", self.scheduler.run))
             if not self.once:
                 self._start(("wake-up watcher", self.scheduler.watch))
+            self._start(("log writer", _write_logs))
             self._stop.wait()
             self._graceful_stop()
         finally:

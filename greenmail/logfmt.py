@@ -51,20 +51,88 @@ def _iso(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((created - whole) * 1000):03d}Z"
 
 
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, with the time string made once per second (a delivery line per recipient)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        return self.default_msec_format % (self._stamp, record.msecs)
+
+
+class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes lines in batches: one write per ``interval`` rather than one per record.
+
+    A WARNING or worse is written at once (with what is pending before it);
+    so is a batch of ``MAX_PENDING`` lines. ``flush()`` writes what is
+    pending: the daemon calls it every ``interval``, and logging calls it at
+    exit. A kill -9 may lose the last ``interval`` of INFO lines.
+    """
+
+    MAX_PENDING = 512
+
+    def __init__(self, stream: TextIO, interval: float = 0.2) -> None:
+        super().__init__(stream)
+        self.interval = interval
+        self._pending: list[str] = []
+        self._last = time.monotonic()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._pending.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if (
+            record.levelno >= logging.WARNING
+            or len(self._pending) >= self.MAX_PENDING
+            or time.monotonic() - self._last >= self.interval
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._last = time.monotonic()
+            if not self._pending:
+                return
+            lines, self._pending = self._pending, []
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except Exception:
+                self.handleError(logging.makeLogRecord({"msg": lines[0]}))
+
+
 def formatter(fmt: str) -> logging.Formatter:
     if fmt == "json":
         return JsonFormatter()
     if fmt == "text":
-        return logging.Formatter(TEXT_FORMAT)
+        return TextFormatter()
     raise ValueError(f"unknown log format {fmt!r} (expected one of {', '.join(FORMATS)})")
 
 
-def setup(fmt: str = "text", verbose: bool = False, stream: TextIO | None = None) -> None:
+def setup(
+    fmt: str = "text", verbose: bool = False, stream: TextIO | None = None, batched: bool = False
+) -> None:
     """Send every log record to ``stream`` (stderr) in ``fmt``; DEBUG with ``verbose``, else INFO.
 
     Python warnings go through logging too, so that with ``json`` every line is JSON.
+    ``batched`` (the daemon, which calls ``flush()`` periodically): see BatchingHandler.
+    Records are not asked for their source line or thread (nothing shows them):
+    that is most of a record's cost.
     """
-    handler = logging.StreamHandler(stream or sys.stderr)
+    logging._srcfile = None  # type: ignore[attr-defined]  # the logging HOWTO's optimisation
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    out = stream or sys.stderr
+    handler = BatchingHandler(out) if batched else logging.StreamHandler(out)
     handler.setFormatter(formatter(fmt))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -72,6 +140,12 @@ def setup(fmt: str = "text", verbose: bool = False, stream: TextIO | None = None
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)
+
+
+def flush() -> None:
+    """Write every pending log line now."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 def settings(config: Any) -> dict[str, Any]:

@@ -27,6 +27,10 @@ from greenmail.spool import Claim
 
 log = logging.getLogger("greenmail.session")
 CHUNK = 64 * 1024
+LOG_LINE = (
+    "%(queue_id)s: to=<%(to)s>, relay=%(relay)s, delay=%(delay).2f, attempts=%(attempts)d, "
+    "dsn=%(dsn)s, status=%(status)s (%(reply)s)"
+)
 
 
 class Session:
@@ -284,6 +288,7 @@ class Session:
     def _log_rcpt(self, claim: Claim, rcpt: str, status: str, dsn: str, reply: str) -> None:
         """The Postfix-style line for one recipient of one attempt (fields also for --log-format json)."""
         fields = {
+            "event": "delivery",
             "queue_id": claim.id,
             "to": rcpt,
             "relay": self.relay,
@@ -293,9 +298,4 @@ class Session:
             "status": status,
             "reply": reply,
         }
-        log.info(
-            "%(queue_id)s: to=<%(to)s>, relay=%(relay)s, delay=%(delay).2f, attempts=%(attempts)d, "
-            "dsn=%(dsn)s, status=%(status)s (%(reply)s)",
-            fields,
-            extra={"fields": {"event": "delivery", **fields}},
-        )
+        log.info(LOG_LINE, fields, extra={"fields": fields})
