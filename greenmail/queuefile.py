@@ -2,40 +2,32 @@
 
 Owns: a queue file's envelope lines (line 1 sender, line 2 recipients),
 the file-name grammar ``ID`` / ``ID,ATTEMPTS,NEXT`` (+ ``@OWNER`` while
-claimed), the delivery state kept beside the message (meta/ID.json), and the
-Date:/Message-ID: headers enqueue adds.
+claimed), the delivery state kept beside the message (meta/ID.json). What a
+new file starts with (queue ids, envelope lines, the Date:/Message-ID:
+headers enqueue adds) is written by dropoff.py, light for ``greenmail
+enqueue``; it is re-exported here.
 Must not touch: directories and renames (spool.py), sockets, gevent.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
-from greenmail import address
+from greenmail import address, dropoff
+from greenmail.dropoff import HOST as HOST
+from greenmail.dropoff import added_headers as added_headers
+from greenmail.dropoff import envelope_lines as envelope_lines
+from greenmail.dropoff import new_id as new_id
+from greenmail.dropoff import rfc5322_date as rfc5322_date
 from greenmail.errors import AddressError, CorruptQueueFile
 
 MAX_ENVELOPE = 1024 * 1024  # the two envelope lines together
-MAX_HEADER_SCAN = 256 * 1024  # how far enqueue looks for Date:/Message-ID:
+MAX_HEADER_SCAN = dropoff.HEAD  # how far enqueue looks for Date:/Message-ID:
 
 _NAME = re.compile(r"(?P<id>[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127})(?:,(?P<a>\d{1,9}),(?P<n>\d{1,12}))?")
-_HEADER_LINE = re.compile(rb"[!-9;-~]+:")
-HOST = re.sub(r"[^A-Za-z0-9.-]", "-", os.uname().nodename) or "localhost"
-
-
-def rfc5322_date(when: float | None = None) -> str:
-    """The local time as an RFC 5322 date (without importing the email package: enqueue starts fast)."""
-    return time.strftime("%a, %d %b %Y %H:%M:%S %z", time.localtime(when))
-
-
-def new_id() -> str:
-    """A fresh queue id: enqueue time in microseconds, pid and randomness, in hex."""
-    return f"{time.time_ns() // 1000:013X}{os.getpid() & 0xFFFFF:05X}{os.urandom(3).hex().upper()}"
-
 
 _OWN_ID = re.compile(r"[0-9A-F]{24}")
 
@@ -102,36 +94,6 @@ def read_envelope(f: BinaryIO) -> Envelope:
     if not f.read(1):
         raise CorruptQueueFile("empty message")
     return Envelope(sender, rcpts, offset)
-
-
-def envelope_lines(sender: str, recipients: list[str] | tuple[str, ...]) -> bytes:
-    return f"{sender}\n{','.join(recipients)}\n".encode()
-
-
-def added_headers(head: bytes, qid: str) -> bytes:
-    """Date:/Message-ID: lines for a message starting with ``head``, where missing.
-
-    ``head`` is the first bytes of the message (its header block, or as much
-    of it as was read). When the message does not start with a header line,
-    the result ends with a blank line so that the added headers stand apart.
-    """
-    eol = b"\r\n" if head.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
-    if _HEADER_LINE.match(head):
-        end = re.search(rb"\r?\n\r?\n", head)
-        block = b"\n" + (head[: end.start()] if end else head)
-    else:
-        block = b""  # no header section: whatever looks like one is body
-    lines = []
-    if not re.search(rb"\ndate:", block, re.IGNORECASE):
-        lines.append(b"Date: " + rfc5322_date().encode())
-    if not re.search(rb"\nmessage-id:", block, re.IGNORECASE):
-        lines.append(f"Message-ID: <{qid}@{HOST}>".encode())
-    if not lines:
-        return b""
-    out = eol.join(lines) + eol
-    if not _HEADER_LINE.match(head) and not head.startswith((b"\n", b"\r\n")):
-        out += eol  # the message starts with body text: keep it apart from the headers
-    return out
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The maildir-style spool: its directories and every rename in it.
 
 Owns: enqueue (O_EXCL create in tmp/, write, fsync, rename into outgoing/,
-fsync the directory), scan, claim (rename into outgoing_active/; losing the
-race returns None), done, requeue, fail, quarantine, recovery of claims left
+fsync the directory: dropoff.py, light for ``greenmail enqueue``, does the
+writing), scan, claim (rename into outgoing_active/; losing the race
+returns None), done, requeue, fail, quarantine, recovery of claims left
 by dead daemons, and the owner lock that tells live daemons from dead ones.
 Everything here is plain blocking file I/O: the daemon calls it through the
 hub's threadpool.
@@ -17,20 +18,21 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from greenmail import address, owners
-from greenmail.errors import CorruptQueueFile, EnqueueError, GreenmailError
+from greenmail import dropoff, owners
+from greenmail.dropoff import ACTIVE, CORRUPT, FAILED, META, OUTGOING, OWNERS, TMP, fsync_dir
+from greenmail.dropoff import DIRS as DIRS
+from greenmail.dropoff import HOLD as HOLD
+from greenmail.errors import CorruptQueueFile
 from greenmail.queuefile import (
     HOST,
     Entry,
     Envelope,
     State,
-    added_headers,
-    envelope_lines,
     format_name,
     id_time,
     new_id,
@@ -40,29 +42,9 @@ from greenmail.queuefile import (
 
 log = logging.getLogger("greenmail.spool")
 
-TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, HOLD, META, OWNERS = (
-    "tmp",
-    "outgoing",
-    "outgoing_active",
-    "failed",
-    "corrupt",
-    "hold",
-    "meta",
-    "owners",
-)
-DIRS = (TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, HOLD, META, OWNERS)
-CHUNK = 64 * 1024
 SMALL_BODY = 32 * 1024  # messages up to this size are read once, with the envelope
 STALE_TMP = 86400
 DONE_PREFIX = ".done."  # tmp/.done.*: retired messages waiting to be unlinked
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -112,12 +94,7 @@ class Spool:
 
     def ensure(self) -> None:
         """Create the spool directories (mode 0700) where missing."""
-        try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for d in DIRS:
-                (self.path / d).mkdir(mode=0o700, exist_ok=True)
-        except OSError as e:
-            raise GreenmailError(f"spool {self.path}: cannot create: {e.strerror}") from None
+        dropoff.ensure(str(self.path))
 
     # -- enqueue ---------------------------------------------------------------
 
@@ -133,69 +110,7 @@ class Spool:
         outgoing/ and the directory is fsync'd once. A crash before that
         leaves nothing in outgoing/; an error leaves nothing anywhere.
         """
-        written: list[tuple[str, Path]] = []
-        try:
-            items = [self._checked(*m) for m in messages]
-            if len(items) == 1:
-                written.append(self._write_tmp(*items[0]))
-            elif items:
-                from concurrent.futures import ThreadPoolExecutor  # only batches need it
-
-                with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
-                    written.extend(pool.map(lambda item: self._write_tmp(*item), items))
-            for qid, tmp in written:
-                os.rename(tmp, self.dir(OUTGOING) / qid)
-            fsync_dir(self.dir(OUTGOING))
-        except BaseException as e:
-            for qid, tmp in written:
-                for path in (tmp, self.dir(OUTGOING) / qid):
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-            if isinstance(e, OSError):
-                raise EnqueueError(f"spool {self.path}: cannot write: {e.strerror}") from None
-            raise
-        return [qid for qid, _ in written]
-
-    def _checked(
-        self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO
-    ) -> tuple[str, list[str], _Reader, bytes]:
-        sender = address.check(sender, null_ok=True)
-        rcpts = list(dict.fromkeys(address.check(r) for r in recipients))  # each address once
-        if not rcpts:
-            raise EnqueueError("no recipients")
-        stream = _Reader(message)
-        head = stream.head()
-        if not head:
-            raise EnqueueError("empty message")
-        return sender, rcpts, stream, head
-
-    def _write_tmp(self, sender: str, rcpts: list[str], stream: _Reader, head: bytes) -> tuple[str, Path]:
-        qid, fd, tmp = self._create_tmp()
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(envelope_lines(sender, rcpts))
-                f.write(added_headers(head, qid))
-                for chunk in stream.chunks():
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return qid, tmp
-
-    def _create_tmp(self) -> tuple[str, int, Path]:
-        for _ in range(100):
-            qid = new_id()
-            tmp = self.dir(TMP) / qid
-            try:
-                return qid, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise EnqueueError(f"spool {self.path}: cannot write: {e.strerror}") from None
-        raise EnqueueError("cannot find a free queue id")
+        return dropoff.enqueue_many(str(self.path), messages)
 
     # -- the delivery side -----------------------------------------------------
 
@@ -379,39 +294,3 @@ class Spool:
 def new_owner() -> str:
     """This daemon's name in claims: host, pid and a random part."""
     return f"{HOST}.{os.getpid()}.{os.urandom(4).hex()}"
-
-
-class _Reader:
-    """A message source (bytes or a binary stream) read in chunks, head first."""
-
-    def __init__(self, source: bytes | BinaryIO) -> None:
-        self._bytes = source if isinstance(source, bytes | bytearray | memoryview) else None
-        self._stream = None if self._bytes is not None else source
-        self._head = b""
-
-    def head(self) -> bytes:
-        if self._bytes is not None:
-            self._head = bytes(self._bytes[: 256 * 1024])
-            return self._head
-        assert self._stream is not None
-        parts = []
-        size = 0
-        while size < 256 * 1024:
-            chunk = self._stream.read(CHUNK)
-            if not chunk:
-                break
-            parts.append(chunk)
-            size += len(chunk)
-            if b"\n\n" in chunk or b"\n\r\n" in chunk:
-                break
-        self._head = b"".join(parts)
-        return self._head
-
-    def chunks(self) -> Iterator[bytes]:
-        if self._bytes is not None:
-            yield bytes(self._bytes)
-            return
-        yield self._head
-        assert self._stream is not None
-        while chunk := self._stream.read(CHUNK):
-            yield chunk
