@@ -234,10 +234,14 @@ class Connection:
         """Write commands in one go; the caller reads their replies in order."""
         if self.parser.pending:  # a reply before its command would be taken for the next one's
             raise ProtocolError("the relay sent a reply ahead of the command", lines[0][1].label)
+        self.send(self.encode_commands(lines, count), lines[0][1].label, self.t.command)
+
+    def encode_commands(self, lines: list[tuple[bytes, Stage]], count: bool = True) -> bytes:
+        """Commands as one write; each counted as its stage reached (they are about to be sent)."""
         if count:
             for _, stage in lines:
                 self.metrics.stage_reached.labels(stage=stage.label).inc()
-        self.send(b"".join(line for line, _ in lines), lines[0][1].label, self.t.command)
+        return b"".join(line for line, _ in lines)
 
     def send(self, data: bytes, label: str, timeout: float) -> None:
         sock = self.sock

@@ -245,13 +245,16 @@ class Outbox:
         if self._retired:
             self._sync_removals()
 
-    def release(self, claim: Claim, reason: str) -> None:
-        """Put a claim back (shutdown: untouched, due as before; else with backoff)."""
-        self.shield(self._release, claim, reason)
+    def release(self, claim: Claim, reason: str, attempt: bool | None = None) -> None:
+        """Put a claim back: as an attempt, with backoff; or untouched, due as before.
 
-    def _release(self, claim: Claim, reason: str) -> None:
+        By default only a shutdown puts a claim back untouched.
+        """
+        self.shield(self._release, claim, reason, reason != "shutdown" if attempt is None else attempt)
+
+    def _release(self, claim: Claim, reason: str, attempt: bool) -> None:
         claim.settled = True
-        self._requeue(claim, reason, attempt=reason != "shutdown")
+        self._requeue(claim, reason, attempt=attempt)
         self.gauges.settled(claim.id, "released")
 
     def _requeue(self, claim: Claim, reason: str, attempt: bool) -> None:

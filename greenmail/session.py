@@ -51,6 +51,9 @@ class Session:
         self.limiter = limiter
         self.conn = Connection(transport)
         self._mid_message = False  # the final dot is sent, its reply not yet read
+        self._sent = 0  # messages delivered on this connection
+        self._next: Claim | None = None  # claimed while the previous message was ending
+        self._ahead: tuple[Claim, Transaction] | None = None  # ... and its commands are sent
 
     @property
     def relay(self) -> str:
@@ -78,15 +81,27 @@ class Session:
         claim = self.outbox.take()
         self.on_greeted(True)  # after the first take: the scheduler counts due messages
         cap = self.tp.relay.max_messages_per_connection
-        sent = 0
-        while claim is not None:
-            if not self._deliver(claim):
-                return
-            sent += 1
-            if cap and sent >= cap:
-                break
-            claim = self.outbox.take()
-        self.conn.quit()
+        try:
+            while claim is not None:
+                if not self._deliver(claim):
+                    return
+                self._sent += 1
+                if cap and self._sent >= cap:
+                    break
+                claim, self._next = self._next or self.outbox.take(), None
+            self.conn.quit()
+        except BaseException as e:
+            if self._next is not None:  # claimed ahead, its commands perhaps sent, no reply read
+                self._put_back(self._next, "shutdown" if isinstance(e, GreenletExit) else "connection")
+            raise
+        finally:
+            if self._next is not None:
+                self._put_back(self._next, "connection")
+
+    def _put_back(self, claim: Claim, reason: str) -> None:
+        """Return the message claimed ahead: never attempted, so due again at once."""
+        self._next = self._ahead = None
+        self.outbox.release(claim, reason, attempt=False)
 
     def _deliver(self, claim: Claim) -> bool:
         """One message; True when the connection is fit for the next one."""
@@ -111,8 +126,8 @@ class Session:
             raise
         if self.conn.closing is not None:
             return False  # after a 421 the connection is over: no RSET, no QUIT
-        if txn.count(Rcpt.DELIVERED) == len(txn.recipients) or not txn.opened:
-            return True
+        if txn.count(Rcpt.DELIVERED) == len(txn.recipients) or not txn.opened or self._ahead is not None:
+            return True  # (after the final dot the transaction is over: the next MAIL is already sent)
         return self._rset()
 
     def _transactions(self, claim: Claim) -> Transaction:
@@ -123,25 +138,71 @@ class Session:
                 return txn
 
     def _transaction(self, claim: Claim) -> Transaction:
+        if self._ahead is not None and self._ahead[0] is claim:  # its commands went with the last dot
+            txn = self._ahead[1]
+            self._ahead = None
+            self._pipelined_replies(claim, txn)
+        else:
+            txn, mail = self._begin(claim)
+            if mail is not None:
+                if self.limiter is not None:
+                    self.limiter.wait()
+                if self._pipelining():
+                    self.conn.send_commands(self._group(txn, mail))
+                    self._pipelined_replies(claim, txn)
+                else:
+                    self._one_by_one(claim, txn, mail)
+        self._apply(claim, txn)
+        return txn
+
+    def _begin(self, claim: Claim) -> tuple[Transaction, bytes | None]:
+        """A claim's next transaction, and its MAIL command (None: nothing to send)."""
         env = claim.envelope
         ext = self.conn.extensions
         txn = Transaction(claim.state.pending(env))
         utf8 = esmtp.precheck(txn, ext, claim.size, env.sender)
-        if txn.to_send:
-            eight_bit = "8BITMIME" in ext and (
-                claim.eight_bit if claim.eight_bit is not None else esmtp.is_8bit(claim.path, env.body_offset)
-            )
-            params = esmtp.mail_params(ext, claim.size, eight_bit, utf8)
-            mail = wire.command("MAIL", f"FROM:<{env.sender}>{params}")
-            if self.limiter is not None:
-                self.limiter.wait()
-            txn.opened = True
-            if self.tp.relay.pipelining and "PIPELINING" in ext:
-                self._pipelined(claim, txn, mail)
-            else:
-                self._one_by_one(claim, txn, mail)
-        self._apply(claim, txn)
-        return txn
+        if not txn.to_send:
+            return txn, None
+        eight_bit = "8BITMIME" in ext and (
+            claim.eight_bit if claim.eight_bit is not None else esmtp.is_8bit(claim.path, env.body_offset)
+        )
+        params = esmtp.mail_params(ext, claim.size, eight_bit, utf8)
+        txn.opened = True
+        return txn, wire.command("MAIL", f"FROM:<{env.sender}>{params}")
+
+    def _pipelining(self) -> bool:
+        return self.tp.relay.pipelining and "PIPELINING" in self.conn.extensions
+
+    def _group(self, txn: Transaction, mail: bytes) -> list[tuple[bytes, Stage]]:
+        """RFC 2920: MAIL, every RCPT (and DATA) in one write; replies matched in order."""
+        lines = [(mail, Stage.MAIL)] + [(wire.rcpt_to(r), Stage.RCPT) for r in txn.to_send]
+        if not self._chunking():
+            lines.append((b"DATA\r\n", Stage.DATA))
+        return lines
+
+    def _next_group(self, txn: Transaction) -> bytes:
+        """The next message's commands, to go in the same write as this message's end (RFC 2920 3.1).
+
+        Only when nothing has to happen in between: pipelining, no recipient
+        of this message left for another transaction (452), no rate limit,
+        the per-connection cap not reached. The claim is kept in ``_next``.
+        """
+        cap = self.tp.relay.max_messages_per_connection
+        if (
+            txn.overflow
+            or not self._pipelining()
+            or (self.limiter is not None and self.limiter.rate)
+            or (cap and self._sent + 1 >= cap)
+        ):
+            return b""
+        claim = self._next = self.outbox.take()
+        if claim is None:
+            return b""
+        nxt, mail = self._begin(claim)
+        if mail is None:
+            return b""  # nothing to send for it: settled as usual when its turn comes
+        self._ahead = (claim, nxt)
+        return self.conn.encode_commands(self._group(nxt, mail))
 
     def _chunking(self) -> bool:
         return self.tp.relay.chunking and "CHUNKING" in self.conn.extensions
@@ -163,14 +224,10 @@ class Session:
         elif txn.on_data(self.conn.command(b"DATA\r\n", Stage.DATA, self.t.data_init)):
             self._dot_body(claim, txn)
 
-    def _pipelined(self, claim: Claim, txn: Transaction, mail: bytes) -> None:
-        """RFC 2920: MAIL, every RCPT (and DATA) in one write; replies matched in order."""
+    def _pipelined_replies(self, claim: Claim, txn: Transaction) -> None:
+        """The replies to a pipelined group, in order; then the message."""
         rcpts = txn.to_send
         chunking = self._chunking()
-        lines = [(mail, Stage.MAIL)] + [(wire.rcpt_to(r), Stage.RCPT) for r in rcpts]
-        if not chunking:
-            lines.append((b"DATA\r\n", Stage.DATA))
-        self.conn.send_commands(lines)
         mail_ok = txn.on_mail(self.conn.read(Stage.MAIL, self.t.command))
         if self._closing(txn):
             return
@@ -209,8 +266,8 @@ class Session:
             while True:
                 nxt = f.read(CHUNK) if chunk else b""
                 out = stuffer.feed(chunk)
-                if not nxt:  # the last chunk goes with the final dot, in one write
-                    out += stuffer.finish()
+                if not nxt:  # the last chunk goes with the final dot (and the next MAIL), in one write
+                    out += stuffer.finish() + self._next_group(txn)
                 self.conn.send(out, "message", self.t.data_block)
                 if not nxt:
                     break
@@ -233,7 +290,8 @@ class Session:
                         txn.on_message(reply)  # the relay refused the message part-way
                         return
             tail = norm.finish()
-            self.conn.send_commands([(f"BDAT {len(tail)} LAST\r\n".encode() + tail, Stage.DATA)], count=False)
+            last = f"BDAT {len(tail)} LAST\r\n".encode() + tail
+            self.conn.send_commands([(last + self._next_group(txn), Stage.DATA)], count=False)
         self._final_reply(txn)
 
     def _final_reply(self, txn: Transaction) -> None:

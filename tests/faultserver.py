@@ -29,6 +29,10 @@ Options (script keys that are not stages):
     starting with that text (case-insensitive, e.g. "DATA" or "RCPT TO:<last@") has arrived
     on the connection: a client that waits for each reply times out, a pipelining client
     goes on. Lines read ahead are then answered in order.
+  - "hold_dot": "RCPT" (with "hold_dot_count": N, default 1): the same proof for the next
+    message: the reply to each of the first N final dots (or BDAT LAST) is held back until a
+    line starting with that text has arrived after it, i.e. until the client has sent the next
+    message's commands without waiting for the reply to the end of the previous message.
 
 In-process:  ``with FaultServer({"rcpt": "550 no"}) as srv: ... srv.port ...``
 Subprocess:  ``python tests/faultserver.py --port 0 --script '{"mail": "451 later"}' --log out.json``
@@ -306,6 +310,11 @@ class _Conn:
                 start = nl + 1
             self.buf += self.recv()
 
+    def hold_dot(self) -> None:
+        prefix = self.srv.option("hold_dot")
+        if prefix and self.counts.get("message", 0) < int(self.srv.option("hold_dot_count") or 1):
+            self.hold(str(prefix))
+
     def read_exactly(self, n: int) -> bytes:
         while len(self.buf) - self.pos < n:
             del self.buf[: self.pos]
@@ -342,6 +351,7 @@ class _Conn:
         msg.update(data=data, wire=data, reply=None, chunks=[len(c) for c in chunks])
         with self.srv._lock:
             self.srv._messages.append(msg)
+        self.hold_dot()
         reply = self.do("message", line)
         with self.srv._lock:
             msg["reply"] = reply.decode("latin-1")
@@ -359,6 +369,7 @@ class _Conn:
         msg.update(data=b"".join(data), wire=b"".join(wire), reply=None)
         with self.srv._lock:
             self.srv._messages.append(msg)
+        self.hold_dot()
         reply = self.do("message", "")
         with self.srv._lock:
             msg["reply"] = reply.decode("latin-1")

@@ -25,6 +25,16 @@ RCPT = "rcpt@example.net"
 BODY = b"Date: Thu, 1 Jan 2026 00:00:00 +0000\r\nMessage-ID: <m@test>\r\nSubject: hi\r\n\r\nhello\r\n"
 
 
+def gwait(predicate, timeout: float = 10.0, what: str = ""):  # noqa: ANN001, ANN201
+    """support.wait_until for gevent: poll with gevent.sleep so greenlets keep running."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        gevent.sleep(0.01)
+    return value
+
+
 class Harness:
     """One spool, outbox and transport in this process; sessions run against a fault server."""
 

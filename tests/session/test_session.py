@@ -19,6 +19,7 @@ import gevent
 import pytest
 from faultserver import FaultServer
 from session_harness import Harness as BaseHarness
+from session_harness import gwait
 from support import free_port
 
 from greenmail import admin, wire
@@ -40,16 +41,6 @@ CODES = {
     "message": ("452 4.3.1 disk full", "554 5.6.0 content rejected"),
 }
 BODY = b"Date: Thu, 1 Jan 2026 00:00:00 +0000\r\nMessage-ID: <m@test>\r\nSubject: hi\r\n\r\nhello\r\n"
-
-
-def gwait(predicate, timeout: float = 10.0, what: str = ""):
-    """support.wait_until for gevent: poll with gevent.sleep so greenlets keep running."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        gevent.sleep(0.01)
-    return value
 
 
 class Harness(BaseHarness):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from faultserver import FaultServer, ehlo
 from session_harness import Harness as BaseHarness
+from session_harness import gwait
 from support import free_port
 
 from greenmail import wire
@@ -211,6 +212,100 @@ def test_pipelined_452_sends_the_rest_in_a_second_transaction(
     assert h.m("recipients_total", result="delivered") == 3
     assert h.m("delivery_attempts_total", result="delivered") == 1
     assert h.m("bounces_total") == 0
+
+
+# -- the next message behind the final dot (RFC 2920 3.1) ----------------------------------
+
+
+def bodies(n: int) -> list[bytes]:
+    return [BODY.replace(b"<m@test>", f"<m{i}@test>".encode()) for i in range(n)]
+
+
+def enqueue_n(h: Harness, n: int) -> list[str]:
+    return [h.enqueue(f"r{i}@example.net", body=b) for i, b in enumerate(bodies(n))]
+
+
+@pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
+def test_next_message_commands_go_with_the_end_of_the_previous_one(
+    h: Harness, server: FaultServer, chunking: bool
+) -> None:
+    """The proof server answers the first two final dots only once the next message's RCPT has
+    arrived: a client that waits for that reply before its next MAIL times out."""
+    ids = enqueue_n(h, 3)
+    server.script = {"hold_dot": "RCPT", "hold_dot_count": 2}
+    if chunking:
+        server.script["ehlo"] = CHUNKING
+    h.run()
+    assert all(h.where(q) is None for q in ids)
+    assert server.connections == 1
+    verbs = ["MAIL", "RCPT", "BDAT"] if chunking else ["MAIL", "RCPT", "DATA"]
+    seen = server.verbs()
+    assert [v for i, v in enumerate(seen) if not (v == "BDAT" == seen[i - 1])] == ["EHLO", *verbs * 3, "QUIT"]
+    assert [m["data"] for m in server.messages] == bodies(3)
+    assert [m["recipients"] for m in server.messages] == [[f"r{i}@example.net"] for i in range(3)]
+    assert h.m("delivery_attempts_total", result="delivered") == 3
+    for stage in ("mail", "rcpt", "data", "message"):
+        assert h.m("smtp_stage_reached_total", stage=stage) == 3, stage
+
+
+def test_a_refused_message_does_not_touch_the_next_one_sent_behind_it(
+    h: Harness, server: FaultServer
+) -> None:
+    first, second = enqueue_n(h, 2)
+    server.script = {"hold_dot": "RCPT", "message": ["554 5.6.0 content rejected"]}
+    h.run()
+    assert_failed(h, first)
+    assert h.where(second) is None
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA", "QUIT"]  # no RSET
+    assert [m["reply"].split(" ")[0] for m in server.messages] == ["554", "250"]
+    assert h.m("delivery_attempts_total", result="delivered") == 1
+    assert h.m("bounces_total") == 1
+
+
+@pytest.mark.parametrize(
+    "end, reason",
+    [({"reply": "421 4.3.2 shutting down", "then": "drop"}, "temporary"), ("drop", "connection")],
+    ids=["421", "drop"],
+)
+def test_when_the_connection_ends_at_a_dot_the_message_behind_it_goes_back_untouched(
+    h: Harness, server: FaultServer, end: object, reason: str
+) -> None:
+    first, second, third = enqueue_n(h, 3)
+    server.script = {"hold_dot": "RCPT", "message": [end]}
+    h.run()
+    # the proof server answered the dot once the second message's RCPT had arrived; it read no further
+    assert server.verbs() == ["EHLO", "MAIL", "RCPT", "DATA"]
+    assert len(server.messages) == 1
+    loc = h.where(first)
+    assert loc is not None and loc[0] == "outgoing" and loc[1].attempts == 1
+    # the second was claimed and its commands sent, but no reply to them was read
+    assert h.where(second) == ("outgoing", Entry(second, second, 0, 0))
+    assert h.state(second) == State()
+    assert h.where(third) == ("outgoing", Entry(third, third, 0, 0))  # never claimed
+    assert h.m("delivery_attempts_total", result="deferred") == 1
+    assert h.m("requeues_total", reason="connection") == (2 if reason == "connection" else 1)
+    assert h.m("requeues_total", reason="temporary") == (1 if reason == "temporary" else 0)
+    assert h.m("spool_messages", state="active") == 0
+
+
+def test_kill_while_waiting_at_a_dot_puts_back_the_message_claimed_behind_it(
+    tmp_path: Path, server: FaultServer
+) -> None:
+    h = Harness(tmp_path, server.port, timeouts={"data_end": 60})
+    first = h.enqueue()
+    second = h.enqueue()
+    server.script = {"hold_dot": "RCPT", "message": "stall"}  # answered never, but read on
+    g = h.session()
+    # the second is claimed when the end of the first is written, its commands with it
+    gwait(lambda: len(h.names("outgoing_active")) == 2, what="two claims")
+    g.kill(block=True, timeout=5)
+    assert g.dead
+    h.assert_settled()
+    for qid in (first, second):
+        assert h.where(qid) == ("outgoing", Entry(qid, qid, 0, 0))  # no attempt counted
+    assert h.m("requeues_total", reason="shutdown") == 2
+    for result in ("delivered", "deferred", "failed"):
+        assert h.m("delivery_attempts_total", result=result) == 0
 
 
 # -- CHUNKING --------------------------------------------------------------------------------
