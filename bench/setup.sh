@@ -60,7 +60,7 @@ if [ ! -x "$repo/.venv/bin/python" ]; then
     python3 -m venv "$repo/.venv"
     "$repo/.venv/bin/pip" install -q --upgrade pip
 fi
-"$repo/.venv/bin/python" -c 'import greenmail' 2>/dev/null || "$repo/.venv/bin/pip" install -q -e "$repo"
+"$repo/.venv/bin/python" -c 'import greenmail' 2>/dev/null || "$repo/.venv/bin/pip" install -q -e "$repo" --config-settings editable_mode=compat && "$repo/.venv/bin/python" -m compileall -q "$repo/greenmail"
 [ -x "$repo/.venv/bin/py-spy" ] || "$repo/.venv/bin/pip" install -q py-spy
 
 step "self-check: mount namespace with overlay /etc"

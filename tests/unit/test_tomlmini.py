@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import string
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -192,3 +193,11 @@ max_lifetime = 432000.5
 listen = ""
 """
     assert tomlmini.loads(doc) == tomllib.loads(doc.decode())
+
+
+def test_the_shipped_configuration_is_inside_the_subset() -> None:
+    """conf/greenmail.toml, which installations start from, takes the light path."""
+    data = (Path(__file__).resolve().parents[2] / "conf" / "greenmail.toml").read_bytes()
+    mine = tomlmini.loads(data)
+    assert mine is not None
+    assert typed(mine) == typed(tomllib.loads(data.decode()))
