@@ -8,7 +8,7 @@ Must not touch: sockets, the spool's directories.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from greenmail.protocol import Transaction
 from greenmail.wire import Reply
@@ -52,7 +52,7 @@ def mail_params(extensions: dict[str, str], size: int, eight_bit: bool, utf8: bo
     return "".join(" " + p for p in params)
 
 
-def is_8bit(path: Path, offset: int) -> bool:
+def is_8bit(path: str | os.PathLike[str], offset: int) -> bool:
     """Whether the message (from ``offset`` in its queue file) has any non-ASCII byte."""
     with open(path, "rb") as f:
         f.seek(offset)

@@ -10,6 +10,7 @@ Must not touch: delivery logic, the spool, sockets (the daemon serves the app).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -50,6 +51,60 @@ DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14
 SESSION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 
+class _Value:
+    """A sample's value without prometheus_client's lock: only the hub's thread touches metrics.
+
+    (Sessions, the queue and the /metrics handler are greenlets of one
+    thread; the threadpool does file I/O only.)
+    """
+
+    __slots__ = ("v",)
+
+    def __init__(self, v: float = 0.0) -> None:
+        self.v = v
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.v += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.v -= amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self.v = float(value)
+
+    def get(self) -> float:
+        return self.v
+
+    def set_exemplar(self, exemplar: Any) -> None:  # exemplars are not used
+        pass
+
+    def get_exemplar(self) -> None:
+        return None
+
+
+def _lock_free(sample: Any) -> Any:
+    """A Counter or Gauge (child) whose inc/dec/set go straight to a plain value: the delivery
+    path counts about a dozen events per message."""
+    value = sample._value = _Value(sample._value.get())
+    sample.inc, sample.set = value.inc, value.set
+    if hasattr(sample, "dec"):
+        sample.dec = value.dec
+    return sample
+
+
+def _lock_free_histogram(h: Any) -> None:
+    """``h.observe`` as one bisect and two additions."""
+    h._sum = _Value(h._sum.get())
+    h._buckets = [_Value(b.get()) for b in h._buckets]
+    bounds, buckets, total = list(h._upper_bounds), h._buckets, h._sum
+
+    def observe(amount: float, exemplar: Any = None) -> None:
+        total.v += amount
+        buckets[bisect.bisect_left(bounds, amount)].v += 1  # le: the first bound >= amount
+
+    h.observe = observe
+
+
 def _cache_labels(metric: Any) -> None:
     """Make ``metric.labels(...)`` a dict lookup after the first call for each label set.
 
@@ -63,7 +118,7 @@ def _cache_labels(metric: Any) -> None:
         key = args + tuple(kwargs.items())
         child = cache.get(key)
         if child is None:
-            child = cache[key] = original(*args, **kwargs)
+            child = cache[key] = _lock_free(original(*args, **kwargs))
         return child
 
     metric.labels = labels
@@ -120,6 +175,11 @@ class Metrics:
         for metric in (self.stage_reached, self.replies, self.requeues, self.attempts, self.recipients,
                        self.connects, self.spool, self.scans):  # fmt: skip
             _cache_labels(metric)
+        for metric in (self.bounces, self.expired, self.active, self.max_connections, self.oldest,
+                       self.heartbeat):  # fmt: skip
+            _lock_free(metric)
+        _lock_free_histogram(self.delay)
+        _lock_free_histogram(self.session_duration)
         self._reply_children: dict[tuple[str, int | None], Any] = {}
         self._preset()
 
@@ -151,19 +211,21 @@ class SpoolGauges:
     """greenmail_spool_messages and the oldest-message timestamp, kept as messages move.
 
     The queue calls one method per event (indexed, claimed, dropped, settled),
-    so the gauges change the moment a message does; ``listed`` resyncs the
-    active/failed counts from a directory listing at each periodic check
-    (claims of other daemons, deletions by ``greenmail queue``). Every call is
-    O(log n) at most: the oldest timestamp is a heap with lazy deletion.
+    which only moves counts; the gauges read them when scraped, so they are
+    right the moment a message moves. ``listed`` resyncs the active/failed
+    counts from a directory listing at each periodic check (claims of other
+    daemons, deletions by ``greenmail queue``). Every call is O(log n) at
+    most: the oldest timestamp is a heap with lazy deletion.
     """
 
     def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
         self._n = dict.fromkeys(SPOOL_STATES, 0)
         self._live: dict[str, float] = {}  # id -> enqueue time, for messages not yet settled
         self._claimed: dict[str, float] = {}  # the subset claimed by our sessions
         self._heap: list[tuple[float, str]] = []
-        self._shown: dict[str, float] = {}  # what the gauges show now
+        for state in SPOOL_STATES:
+            metrics.spool.labels(state=state).set_function(lambda state=state: max(0, self._n[state]))
+        metrics.oldest.set_function(self.oldest)
 
     def reindex(self) -> None:
         """The queue is about to re-index outgoing/ from scratch."""
@@ -171,7 +233,6 @@ class SpoolGauges:
         self._live = dict(self._claimed)
         self._heap = [(t, q) for q, t in self._live.items()]
         heapq.heapify(self._heap)
-        self._publish()
 
     def indexed(self, qid: str, deferred: bool, enqueued: float | None) -> None:
         """A message waiting in outgoing/ entered the index."""
@@ -179,7 +240,6 @@ class SpoolGauges:
         if enqueued and qid not in self._live:
             self._live[qid] = enqueued
             heapq.heappush(self._heap, (enqueued, qid))
-        self._publish()
 
     def claimed(self, qid: str, deferred: bool) -> None:
         """A session took an indexed message."""
@@ -187,13 +247,11 @@ class SpoolGauges:
         self._n["active"] += 1
         if qid in self._live:
             self._claimed[qid] = self._live[qid]
-        self._publish(oldest=False)
 
     def dropped(self, qid: str, deferred: bool) -> None:
         """An indexed message vanished (claimed elsewhere, deleted, corrupt)."""
         self._n["deferred" if deferred else "queued"] -= 1
         self._forget(qid)
-        self._publish()
 
     def settled(self, qid: str, result: str) -> None:
         """A claim ended: delivered, failed, or back to outgoing/ (deferred, released)."""
@@ -203,33 +261,25 @@ class SpoolGauges:
             self._n["failed"] += 1
         if result in ("delivered", "failed"):
             self._forget(qid)
-        self._publish()
 
     def listed(self, active: int, failed: int) -> None:
         """Resync from a listing of outgoing_active/ and failed/."""
         self._n["active"], self._n["failed"] = active, failed
-        self._publish(oldest=False)
+
+    def oldest(self) -> float:
+        """Enqueue time of the oldest message not yet settled; 0 when there is none."""
+        self._trim()
+        return self._heap[0][0] if self._heap else 0
 
     def _forget(self, qid: str) -> None:
         self._live.pop(qid, None)
         self._claimed.pop(qid, None)
+        self._trim()  # messages mostly leave oldest first: the heap stays small
 
-    def _publish(self, oldest: bool = True) -> None:
-        """Set the gauges that changed (this runs for every message event)."""
-        shown = self._shown
-        for state, n in self._n.items():
-            if shown.get(state) != n:
-                self._metrics.spool.labels(state=state).set(max(0, n))
-                shown[state] = n
-        if not oldest:
-            return
+    def _trim(self) -> None:
         heap, live = self._heap, self._live
         while heap and live.get(heap[0][1]) != heap[0][0]:
             heapq.heappop(heap)
-        first = heap[0][0] if heap else 0
-        if shown.get("oldest") != first:
-            self._metrics.oldest.set(first)
-            shown["oldest"] = first
 
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]

@@ -52,7 +52,7 @@ class Claim:
     """A message this process has renamed into outgoing_active/ and must settle."""
 
     entry: Entry
-    path: Path
+    path: str  # outgoing_active/NAME@OWNER (a str: made for every message)
     envelope: Envelope
     state: State
     size: int  # message bytes, without the envelope lines
@@ -181,7 +181,7 @@ class Spool:
         # always looked up: a crash between a state write and its rename leaves a fresh name with state
         state, has_meta = self._load_state(entry.id)
         queued_at = min(id_time(entry.id) or st.st_mtime, st.st_mtime)  # our ids carry the enqueue time
-        return Claim(entry, Path(path), env, state, size, queued_at, body=body, has_meta=has_meta)
+        return Claim(entry, path, env, state, size, queued_at, body=body, has_meta=has_meta)
 
     def read_state(self, qid: str) -> State:
         return self._load_state(qid)[0]

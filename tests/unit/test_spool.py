@@ -381,7 +381,7 @@ def test_claim(spool: Spool) -> None:
     c = spool.claim(entry)
     assert c is not None
     assert c.id == qid and c.entry == entry
-    assert c.path == spool.dir(ACTIVE) / f"{qid}@me"
+    assert c.path == str(spool.dir(ACTIVE) / f"{qid}@me")
     assert names(spool, OUTGOING) == []
     assert names(spool, ACTIVE) == [f"{qid}@me"]
     assert c.envelope.sender == "a@b"
