@@ -296,8 +296,9 @@ def test_kill_while_waiting_at_a_dot_puts_back_the_message_claimed_behind_it(
     second = h.enqueue()
     server.script = {"hold_dot": "RCPT", "message": "stall"}  # answered never, but read on
     g = h.session()
-    # the second is claimed when the end of the first is written, its commands with it
-    gwait(lambda: len(h.names("outgoing_active")) == 2, what="two claims")
+    # the second's commands went in the same write as the first's end: the server has that end
+    gwait(lambda: len(server.messages) == 1, what="the first message's end at the server")
+    assert len(h.names("outgoing_active")) == 2
     g.kill(block=True, timeout=5)
     assert g.dead
     h.assert_settled()
