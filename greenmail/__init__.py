@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Sequence
-from typing import BinaryIO
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not typing at run time: ``greenmail enqueue`` imports this package per message
+    import os
+    from collections.abc import Iterable, Sequence
+    from typing import BinaryIO
 
 __version__ = "0.1.0"
 
