@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -28,12 +29,16 @@ SECRET_WORDS = ("password", "secret", "token")
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, pid, event, message, then the record's fields."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.pid = os.getpid()
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "time": _iso(record.created),
             "level": record.levelname,
             "logger": record.name,
-            "pid": record.process,
+            "pid": record.process if record.process is not None else self.pid,
             "event": "log",
             "message": record.getMessage(),
         }
@@ -52,12 +57,17 @@ def _iso(created: float) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """TEXT_FORMAT, with the time string made once per second (a delivery line per recipient)."""
+    """TEXT_FORMAT, with the time string made once per second (a delivery line per recipient)
+    and the pid written in when no record carries one (see ``setup``)."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+        self._pid_style = logging.PercentStyle(TEXT_FORMAT.replace("%(process)d", str(os.getpid())))
         self._second = -1
         self._stamp = ""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        return (self._style if record.process is not None else self._pid_style).format(record)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         second = int(record.created)
@@ -131,6 +141,7 @@ def setup(
     logging._srcfile = None  # type: ignore[attr-defined]  # the logging HOWTO's optimisation
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.logProcesses = False  # getpid() is a system call per record: the formatters know the pid
     out = stream or sys.stderr
     handler = BatchingHandler(out) if batched else logging.StreamHandler(out)
     handler.setFormatter(formatter(fmt))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 
 import pytest
 
@@ -23,6 +25,18 @@ def test_text_formatter_matches_the_stock_formatter(created: float) -> None:
     ours.format(record("warm the cache", created - 1))  # a cached second must not leak into the next
     for t in (created, created + 0.001, created + 1):
         assert ours.format(record("x", t)) == stock.format(record("x", t))
+
+
+def test_text_formatter_writes_the_pid_when_records_carry_none() -> None:
+    """logfmt.setup turns off the getpid() per record: the line must not change."""
+    ours = logfmt.TextFormatter()
+    with_pid = record("x", 1_700_000_000.5)
+    without = record("x", 1_700_000_000.5)
+    without.process = None
+    assert with_pid.process == os.getpid()
+    assert ours.format(without) == ours.format(with_pid)
+    assert f"greenmail[{os.getpid()}]: INFO x" in ours.format(without)
+    assert json.loads(logfmt.JsonFormatter().format(without))["pid"] == os.getpid()
 
 
 def handler(stream: io.StringIO, interval: float = 3600.0) -> logfmt.BatchingHandler:
