@@ -280,8 +280,12 @@ class Session:
         self.metrics.stage_reached.labels(stage="message").inc()
         norm = wire.LineNormaliser()
         with claim.open_body() as f:
-            while raw := f.read(CHUNK):
+            raw = f.read(CHUNK)
+            while True:
+                nxt = f.read(CHUNK) if raw else b""
                 data = norm.feed(raw)
+                if not nxt:  # the last chunk: BDAT ... LAST (a small message: the only one)
+                    break
                 if data:
                     head = f"BDAT {len(data)}\r\n".encode()
                     self.conn.send_commands([(head + data, Stage.DATA)], count=False)
@@ -289,8 +293,9 @@ class Session:
                     if reply.cls != 2:
                         txn.on_message(reply)  # the relay refused the message part-way
                         return
-            tail = norm.finish()
-            last = f"BDAT {len(tail)} LAST\r\n".encode() + tail
+                raw = nxt
+            data += norm.finish()
+            last = f"BDAT {len(data)} LAST\r\n".encode() + data
             self.conn.send_commands([(last + self._next_group(txn), Stage.DATA)], count=False)
         self._final_reply(txn)
 

@@ -339,6 +339,8 @@ def test_chunking_sends_the_body_with_bdat(
     assert [int(c.split()[1]) for c in bdats] == msg["chunks"]
     if size == "big":
         assert len(bdats) >= 3
+    else:  # one round trip: the whole body in one BDAT ... LAST
+        assert bdats == [f"BDAT {len(wire.normalise(body))} LAST"]
     assert msg["reply"].startswith("250")
     assert h.m("delivery_attempts_total", result="delivered") == 1
 
