@@ -33,7 +33,7 @@ from greenmail.spool import ACTIVE, FAILED, Claim, Spool
 
 log = logging.getLogger("greenmail.queue")
 YIELD_EVERY = 2000
-SYNC_GATHER = 0.005  # seconds removals wait to share a directory fsync
+SYNC_GATHER = 0.02  # seconds removals wait to share one batch (an rm process) and one directory fsync
 T = TypeVar("T")
 Offload = Callable[..., Any]
 

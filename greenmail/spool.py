@@ -45,6 +45,10 @@ log = logging.getLogger("greenmail.spool")
 SMALL_BODY = 32 * 1024  # messages up to this size are read once, with the envelope
 STALE_TMP = 86400
 DONE_PREFIX = ".done."  # tmp/.done.*: retired messages waiting to be unlinked
+RM = next((p for p in ("/bin/rm", "/usr/bin/rm") if os.access(p, os.X_OK)), None)
+RM_BATCH = 16  # fewer than this are unlinked here: a process start costs more
+RM_SLICE = 2000
+RM_TIMEOUT = 60.0
 
 
 @dataclass
@@ -226,7 +230,15 @@ class Spool:
         return gone
 
     def purge(self, paths: Iterable[str]) -> None:
-        """Unlink retired files, then make their retirement durable (one fsync of outgoing_active/)."""
+        """Unlink retired files, then make their retirement durable (one fsync of outgoing_active/).
+
+        A batch goes to one ``rm`` process when there is one: each ``os.unlink``
+        here would release and retake the GIL, and the hub's thread, which
+        shares it, lost about a fifth of its delivery rate to those hand-offs.
+        """
+        paths = list(paths)
+        if len(paths) >= RM_BATCH and RM is not None and _rm(paths):
+            paths = []
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -289,6 +301,29 @@ class Spool:
 
     def outgoing_mtime(self) -> int:
         return os.stat(self.dir(OUTGOING)).st_mtime_ns
+
+
+def _rm(paths: list[str]) -> bool:
+    """``rm -f`` the paths (in slices well under ARG_MAX); False if that could not be done."""
+    import subprocess  # only the daemon removes
+
+    try:
+        for i in range(0, len(paths), RM_SLICE):
+            done = subprocess.run(
+                [RM, "-f", "--", *paths[i : i + RM_SLICE]],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=RM_TIMEOUT,
+                check=False,
+            )
+            if done.returncode != 0:
+                log.warning("rm of delivered messages: %s", done.stderr.decode(errors="replace").strip())
+                return False  # what is left is unlinked one by one
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("rm of delivered messages failed: %s", e)
+        return False
+    return True
 
 
 def new_owner() -> str:

@@ -645,6 +645,26 @@ def test_retire_takes_the_message_and_its_state_out_of_the_queue_at_once(spool: 
     spool.purge(gone)  # already gone: not an error
 
 
+@pytest.mark.parametrize("rm", ["rm", "failing rm", "no rm"])
+def test_purge_removes_a_batch_whatever_rm_does(
+    spool: Spool, rm: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import greenmail.spool as spool_module
+
+    if rm == "failing rm":
+        monkeypatch.setattr(spool_module, "RM", "/bin/false")  # exits 1: the loop finishes the job
+    elif rm == "no rm":
+        monkeypatch.setattr(spool_module, "RM", None)
+    else:
+        assert spool_module.RM is not None
+    spool.enqueue_many([("a@b", ["c@d"], FULL)] * (spool_module.RM_BATCH + 4))
+    gone = [p for e in spool.scan() if (c := spool.claim(e)) for p in spool.retire(c)]
+    gone.append(str(spool.dir(TMP) / ".done.already-gone"))  # not an error
+    spool.purge(gone)
+    assert_spool_empty(spool)
+    assert ("rm of delivered messages" in caplog.text) == (rm == "failing rm")
+
+
 def test_retired_files_left_by_a_crash_are_cleaned_whatever_their_age(spool: Spool) -> None:
     spool.enqueue("a@b", ["c@d"], FULL)
     spool.retire(claim_one(spool))  # and the daemon dies before the purge
