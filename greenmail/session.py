@@ -53,7 +53,7 @@ class Session:
         self._mid_message = False  # the final dot is sent, its reply not yet read
         self._sent = 0  # messages delivered on this connection
         self._next: Claim | None = None  # claimed while the previous message was ending
-        self._ahead: tuple[Claim, Transaction] | None = None  # ... and its commands are sent
+        self._ahead: Transaction | None = None  # _next's transaction, its commands already sent
 
     @property
     def relay(self) -> str:
@@ -138,9 +138,8 @@ class Session:
                 return txn
 
     def _transaction(self, claim: Claim) -> Transaction:
-        if self._ahead is not None and self._ahead[0] is claim:  # its commands went with the last dot
-            txn = self._ahead[1]
-            self._ahead = None
+        if self._ahead is not None:  # this is _next: its commands went with the last dot
+            txn, self._ahead = self._ahead, None
             self._pipelined_replies(claim, txn)
         else:
             txn, mail = self._begin(claim)
@@ -201,7 +200,7 @@ class Session:
         nxt, mail = self._begin(claim)
         if mail is None:
             return b""  # nothing to send for it: settled as usual when its turn comes
-        self._ahead = (claim, nxt)
+        self._ahead = nxt
         return self.conn.encode_commands(self._group(nxt, mail))
 
     def _chunking(self) -> bool:
