@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 GREENMAIL = [sys.executable, "-m", "greenmail"]
 
@@ -124,15 +126,31 @@ class Process:
         return self.proc.wait(timeout)
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         self._out.close()
         return self.proc.returncode
+
+
+def terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM, up to 15 s to exit, then SIGKILL (nothing if it has exited already)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def skip_unless_sysfs_refuses_files() -> None:
+    """Tests that point spool/tmp into /sys need a /sys where not even root can create a file."""
+    probe = Path("/sys") / f"greenmail-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        return
+    os.unlink(probe)
+    pytest.skip("files can be created in /sys here")
 
 
 def daemon(config: Path, log: Path, *extra: str) -> Process:

@@ -301,14 +301,7 @@ def test_enqueue_spool_subdirectory_is_a_regular_file(cfg: Path, sub: str) -> No
 
 def test_enqueue_cannot_create_in_tmp(cfg: Path) -> None:
     """spool/tmp is a directory where even root cannot create files (sysfs)."""
-    probe = Path("/sys") / f"greenmail-probe-{os.getpid()}"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError:
-        pass
-    else:
-        os.unlink(probe)
-        pytest.skip("files can be created in /sys here")
+    support.skip_unless_sysfs_refuses_files()
     spool = spool_of(cfg)
     support.enqueue(cfg, PLAIN)
     before = all_files(spool)

@@ -29,7 +29,6 @@ import email.policy
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -134,13 +133,7 @@ class FaultRelay:
         self.port = int(line.split()[1])
 
     def stop(self) -> dict[str, Any]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        support.terminate(self.proc)
         assert self.proc.stdout is not None
         self.proc.stdout.close()
         return json.loads(self.log.read_text())

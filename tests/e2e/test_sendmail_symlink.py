@@ -323,14 +323,7 @@ def test_exit_78_for_a_bad_config(tmp_path: Path, bindir: Path) -> None:
 
 def test_exit_75_when_the_spool_cannot_be_written(cfg: Path, bindir: Path) -> None:
     """spool/tmp points into sysfs, where not even root can create a file."""
-    probe = Path("/sys") / f"greenmail-probe-{os.getpid()}"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError:
-        pass
-    else:
-        os.unlink(probe)
-        pytest.skip("files can be created in /sys here")
+    support.skip_unless_sysfs_refuses_files()
     first = run(bindir / "sendmail", "a@example.net", "-C", str(cfg), stdin=b"Subject: first\n\nx\n")
     assert first.returncode == 0, first.stderr
     spool = cfg.parent / "spool"
