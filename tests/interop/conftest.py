@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import peers
 import pytest
@@ -23,27 +24,22 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> peers.Certs:
 @pytest.fixture(scope="module")
 def postfix(tmp_path_factory: pytest.TempPathFactory, certs: peers.Certs) -> Iterator[PostfixRelay]:
     peers.need_postfix()
-    d = tmp_path_factory.mktemp("postfix")
-    downstream = peers.Aiosmtpd(d / "downstream", "--smtputf8")
-    try:
-        mta = peers.Postfix(downstream.port, certs, keep=d)
-        try:
-            yield PostfixRelay(mta, downstream)
-        finally:
-            mta.stop()
-    finally:
-        downstream.stop()
+    yield from _relay(tmp_path_factory.mktemp("postfix"), certs, peers.Postfix, PostfixRelay)
 
 
 @pytest.fixture(scope="module")
 def exim(tmp_path_factory: pytest.TempPathFactory, certs: peers.Certs) -> Iterator[EximRelay]:
     peers.need_exim()
-    d = tmp_path_factory.mktemp("exim")
+    yield from _relay(tmp_path_factory.mktemp("exim"), certs, peers.Exim, EximRelay)
+
+
+def _relay(d: Path, certs: peers.Certs, mta_class: Any, pair: Any) -> Iterator[Any]:
+    """An MTA relaying to an aiosmtpd downstream (where the relayed bytes are read back)."""
     downstream = peers.Aiosmtpd(d / "downstream", "--smtputf8")
     try:
-        mta = peers.Exim(downstream.port, certs, keep=d)
+        mta = mta_class(downstream.port, certs, keep=d)
         try:
-            yield EximRelay(mta, downstream)
+            yield pair(mta, downstream)
         finally:
             mta.stop()
     finally:
