@@ -3,9 +3,9 @@
 
     sudo bench/setup.sh             # once: postfix, nullmailer + dma (unpacked), venv, py-spy
     sudo bench/run.py smoke         # every workload at small sizes, 1 run (~5 min)
-    sudo bench/run.py all           # the full run (about 50 minutes on 2 cores)
+    sudo bench/run.py all           # the full run (about 60 minutes on 2 cores)
 
-    bench/run.py drain   [--n 10000,100000] [--conns 10,100] [--runs 3] [--peers greenmail,postfix,...]
+    bench/run.py drain   [--n 10000,100000] [--conns 10,100] [--runs 3] [--peers greenmail,greenmail_p2,...]
     bench/run.py slow    [--n 10000] [--conns 1000] [--delay 2]
     bench/run.py latency [--m 200]
     bench/run.py enqueue [--n 10000] [--par 4]
@@ -52,7 +52,7 @@ MSG = BENCH / "message.eml"
 SENDER, RCPT = "bench-from@greenmail.test", "bench-to@sink.test"
 CLK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-ALWAYS_AT_LARGE_N = ("greenmail", "anchor", "anchor_reuse")
+ALWAYS_AT_LARGE_N = ("greenmail", "greenmail_p2", "anchor", "anchor_reuse")
 STALL = 120  # seconds without a new message at the sink: the drain is given up
 
 
@@ -533,15 +533,19 @@ def submit_main(argv: list[str]) -> None:
 
 
 def api_fill(spool: Path, n: int, threads: int = 4) -> dict:
-    """n messages through greenmail's Python API (durable: fsync'd), ``threads`` at a time."""
+    """n messages through greenmail's Python API (durable: fsync'd), ``threads`` at a time;
+    wall time and per-call times."""
     import greenmail
 
     data = MSG.read_bytes()
     counter = itertools.count()
+    times: list[float] = []
 
     def worker() -> None:
         while next(counter) < n:
+            t = time.monotonic()
             greenmail.enqueue(SENDER, [RCPT], data, spool=str(spool))
+            times.append(time.monotonic() - t)
 
     t0 = time.monotonic()
     ts = [threading.Thread(target=worker) for _ in range(threads)]
@@ -549,7 +553,8 @@ def api_fill(spool: Path, n: int, threads: int = 4) -> dict:
         t.start()
     for t in ts:
         t.join()
-    return {"wall_s": time.monotonic() - t0, "calls": n, "errors": []}
+    return {"wall_s": time.monotonic() - t0, "calls": len(times), "errors": [],
+            "call_p50_ms": pct(times, 50) * 1000, "call_p99_ms": pct(times, 99) * 1000}
 
 
 # ---------------------------------------------------------------------------
@@ -618,12 +623,18 @@ class Peer:
 
 
 class Greenmail(Peer):
+    """The daemon; with ``processes`` > 1 ([delivery] processes), its extra delivery
+    processes are its children: the sampler and tree_cpu() count the whole tree."""
+
     name = "greenmail"
     per_conns = True
 
-    def __init__(self, ctx: Ctx) -> None:
+    def __init__(self, ctx: Ctx, processes: int = 1) -> None:
         super().__init__(ctx)
-        self.dir = WORK / "greenmail"
+        self.processes = processes
+        if processes > 1:  # max_connections stays the total over the processes
+            self.name = f"greenmail_p{processes}"
+        self.dir = WORK / self.name
         self.cfg = self.dir / "greenmail.toml"
         self.spool = self.dir / "spool"
         self.proc: subprocess.Popen | None = None
@@ -633,10 +644,12 @@ class Greenmail(Peer):
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
+        procs = f"processes = {self.processes}\n" if self.processes > 1 else ""  # default: no such line
         self.cfg.write_text(
             f'[spool]\npath = "{self.spool}"\n\n'
             f'[relay]\nhost = "127.0.0.1"\nport = {port}\nhelo = "bench.invalid"\n\n'
-            f"[delivery]\nmax_connections = {conns}\ncheck_interval = {check_interval}\nshutdown_grace = 5\n\n"
+            f"[delivery]\nmax_connections = {conns}\ncheck_interval = {check_interval}\nshutdown_grace = 5\n"
+            f"{procs}\n"
             f'[metrics]\nlisten = ""\n'
         )
 
@@ -1019,6 +1032,7 @@ class Anchor(Peer):
 def make_peer(ctx: Ctx, name: str) -> Peer:
     table: dict[str, Callable[[], Peer]] = {
         "greenmail": lambda: Greenmail(ctx),
+        "greenmail_p2": lambda: Greenmail(ctx, processes=2),
         "postfix": lambda: Postfix(ctx),
         "postfix_conns": lambda: Postfix(ctx, match_conns=True),
         "nullmailer": lambda: Nullmailer(ctx),
@@ -1289,10 +1303,17 @@ def wl_latency(ctx: Ctx, res: Results, m: int, runs: int, peers: list[str]) -> N
             res.add(**row)
 
 
+API_THREADS = {"greenmail_api": 1, "greenmail_api4": 4}  # greenmail.enqueue() in this process
+
+
 def wl_enqueue(ctx: Ctx, res: Results, n: int, par: int, runs: int, peers: list[str]) -> None:
+    def label(k: int) -> str:
+        return f"{k} thread{'s' if k > 1 else ''}"
+
     for run in range(1, runs + 1):
         for name in peers:
-            if ctx.already("enqueue", name, n, "1 thread" if name == "greenmail_api" else f"{par} par", run):
+            conns = label(API_THREADS[name]) if name in API_THREADS else f"{par} par"
+            if ctx.already("enqueue", name, n, conns, run):
                 continue
             ctx.new_rundir(f"enqueue-{name}-r{run}")
             log(f"== enqueue {name} N={n} run {run}")
@@ -1300,25 +1321,16 @@ def wl_enqueue(ctx: Ctx, res: Results, n: int, par: int, runs: int, peers: list[
             row = dict(workload="enqueue", peer=name, n=n, run=run)
             peer = None
             try:
-                if name == "greenmail_api":  # in this process, one thread: the API's own rate
-                    import greenmail
-
+                if name in API_THREADS:  # in this process, 1 or 4 threads: the API's own rate
                     gm = Greenmail(ctx)
                     gm.configure(ctx.port, 10)
-                    data = MSG.read_bytes()
-                    times = []
                     ru0 = resource.getrusage(resource.RUSAGE_SELF)
-                    t0 = time.monotonic()
-                    for _ in range(n):
-                        t = time.monotonic()
-                        greenmail.enqueue(SENDER, [RCPT], data, spool=str(gm.spool))
-                        times.append(time.monotonic() - t)
-                    wall = time.monotonic() - t0
+                    f = api_fill(gm.spool, n, API_THREADS[name])
                     ru1 = resource.getrusage(resource.RUSAGE_SELF)
-                    q = gm.queued()
-                    row.update(conns="1 thread", enqueue_how="greenmail.enqueue() (fsync)", wall_s=wall,
-                               msg_per_s=n / wall, call_p50_ms=pct(times, 50) * 1000,
-                               call_p99_ms=pct(times, 99) * 1000, queued_s=wall,
+                    wall, q = f["wall_s"], gm.queued()
+                    row.update(conns=conns, enqueue_how="greenmail.enqueue() (fsync)",
+                               wall_s=wall, msg_per_s=n / wall, call_p50_ms=f["call_p50_ms"],
+                               call_p99_ms=f["call_p99_ms"], queued_s=wall,
                                cpu_s=(ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
                                delivered=f"{q}/{n} queued", status="ok" if q == n else "lost")
                 else:
@@ -1569,8 +1581,8 @@ def _groups(rows: list[dict], workload: str) -> list[tuple[tuple, list[dict]]]:
 
 def _sort_key(item: tuple) -> tuple:
     (peer, n, conns, _), _ = item
-    order = ["greenmail", "postfix", "postfix_conns", "nullmailer", "dma", "anchor", "anchor_reuse",
-             "greenmail_api"]
+    order = ["greenmail", "greenmail_p2", "postfix", "postfix_conns", "nullmailer", "dma", "anchor",
+             "anchor_reuse", "greenmail_api", "greenmail_api4"]
     return (_num(n) or 0, order.index(peer) if peer in order else 99, _num(conns) or 0)
 
 
@@ -1687,19 +1699,27 @@ def targets(rows: list[dict]) -> list[str]:
         out.append(f"| {name} | {measured} | {fmt.format(value)} | {'>=' if higher else '<='} {need:g} "
                    f"| {'**met**' if ok else '**not met**'} |")
 
-    n_small = "10000" if "10000" in ns("drain", "greenmail") else (ns("drain", "greenmail") or [None])[0]
-    gm10 = med("drain", "greenmail", "msg_per_s", n_small, "10") if n_small else None
+    gm_ns = ns("drain", "greenmail") or ns("drain", "greenmail_p2")
+    n_small = "10000" if "10000" in gm_ns else (gm_ns or [None])[0]
     pfs = [(p, med("drain", p, "msg_per_s", n_small)) for p in ("postfix", "postfix_conns")] if n_small else []
     pfs = [(p, v) for p, v in pfs if v]
     pf_name, pf = max(pfs, key=lambda x: x[1]) if pfs else ("postfix", None)
-    sfx = f" (N={n_small})" if n_small and n_small != "10000" else ""
-    add(f"drain N=10,000, 10 conns: >= 2x Postfix{sfx}",
-        f"greenmail {_f(gm10, 0)} / {pf_name} {_f(pf, 0)} msg/s" if gm10 and pf else "",
-        gm10 / pf if gm10 and pf else None, 2, True)
     anc = med("drain", "anchor_reuse", "msg_per_s", n_small, "10") if n_small else None
-    add(f"drain N=10,000, 10 conns: >= 40% of smtp-source -d ceiling{sfx}",
-        f"greenmail {_f(gm10, 0)} / smtp-source -d {_f(anc, 0)} msg/s" if gm10 and anc else "",
-        gm10 / anc if gm10 and anc else None, 0.4, True)
+    sfx = f" (N={n_small})" if n_small and n_small != "10000" else ""
+    # the default config (1 process), then with [delivery] processes = 2 when that was measured
+    gms = [("greenmail", "")]
+    if ns("drain", "greenmail_p2"):
+        gms.append(("greenmail_p2", " (processes = 2)"))
+    for gm, what in gms:
+        gm10 = med("drain", gm, "msg_per_s", n_small, "10") if n_small else None
+        add(f"drain N=10,000, 10 conns: >= 2x Postfix{sfx}{what}",
+            f"{gm} {_f(gm10, 0)} / {pf_name} {_f(pf, 0)} msg/s" if gm10 and pf else "",
+            gm10 / pf if gm10 and pf else None, 2, True)
+    for gm, what in gms:
+        gm10 = med("drain", gm, "msg_per_s", n_small, "10") if n_small else None
+        add(f"drain N=10,000, 10 conns: >= 40% of smtp-source -d ceiling{sfx}{what}",
+            f"{gm} {_f(gm10, 0)} / smtp-source -d {_f(anc, 0)} msg/s" if gm10 and anc else "",
+            gm10 / anc if gm10 and anc else None, 0.4, True)
     big_ns = [x for x in ns("drain", "greenmail") if (_num(x) or 0) >= 100000]
     for conns in sorted({r["conns"] for r in rows if r["workload"] == "drain" and r["peer"] == "greenmail"},
                         key=lambda c: _num(c) or 0) or ["10"]:
@@ -1739,6 +1759,10 @@ def targets(rows: list[dict]) -> list[str]:
         1, True)
     api = med("enqueue", "greenmail_api", "msg_per_s")
     add("API enqueue with fsync >= 1,000 msg/s", f"{_f(api, 0)} msg/s" if api else "", api, 1000, True, "{:.0f} msg/s")
+    if ns("enqueue", "greenmail_api4"):  # the same target, 4 threads calling greenmail.enqueue() at once
+        api4 = med("enqueue", "greenmail_api4", "msg_per_s")
+        add("API enqueue with fsync >= 1,000 msg/s (4 threads)", f"{_f(api4, 0)} msg/s" if api4 else "", api4,
+            1000, True, "{:.0f} msg/s")
     growth = med("big", "greenmail", "growth_mb")
     size = next((r["conns"] for r in rows if r["workload"] == "big" and r["peer"] == "greenmail"), "50 MB")
     add(f"{size} message: peak RSS growth < 20 MB", f"{_f(growth)} MB" if growth is not None else "", growth, 20,
@@ -1751,9 +1775,10 @@ def targets(rows: list[dict]) -> list[str]:
 # command line
 # ---------------------------------------------------------------------------
 
-DEFAULT_DRAIN_PEERS = "greenmail,postfix,nullmailer,dma,anchor,anchor_reuse"
+DEFAULT_DRAIN_PEERS = "greenmail,greenmail_p2,postfix,nullmailer,dma,anchor,anchor_reuse"
+SLOW_PEERS = "greenmail,greenmail_p2,anchor_reuse"
 LIVE_PEERS = "greenmail,postfix,nullmailer,dma"
-ENQUEUE_PEERS = "greenmail,postfix,nullmailer,dma,greenmail_api"
+ENQUEUE_PEERS = "greenmail,postfix,nullmailer,dma,greenmail_api,greenmail_api4"
 
 
 def ints(s: str) -> list[int]:
@@ -1794,7 +1819,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=ints, default=[10000])
     p.add_argument("--conns", type=ints, default=[1000])
     p.add_argument("--delay", type=int, default=2)
-    p.add_argument("--peers", type=names, default=names("greenmail,anchor_reuse"))
+    p.add_argument("--peers", type=names, default=names(SLOW_PEERS))
     p = sub.add_parser("latency", help="enqueue -> sink latency, one message at a time")
     common(p, 1)
     p.add_argument("--m", type=int, default=200)
@@ -1934,7 +1959,7 @@ def run_command(args: argparse.Namespace, ctx: Ctx, res: Results) -> None:
         wl_profile(ctx, args.n, args.conns)
     elif c == "smoke":
         wl_drain(ctx, res, [1000], [10], 1, names(DEFAULT_DRAIN_PEERS), 0)
-        wl_drain(ctx, res, [2000], [1000], 1, ["greenmail", "anchor_reuse"], 0, "slow", 2)
+        wl_drain(ctx, res, [2000], [1000], 1, names(SLOW_PEERS), 0, "slow", 2)
         wl_latency(ctx, res, 50, 1, names(LIVE_PEERS))
         wl_enqueue(ctx, res, 1000, 4, 1, names(ENQUEUE_PEERS))
         wl_big(ctx, res, 50, 1, ["greenmail", "postfix"])
@@ -1945,7 +1970,7 @@ def run_command(args: argparse.Namespace, ctx: Ctx, res: Results) -> None:
         if "big" not in skip:
             wl_big(ctx, res, 50, args.runs, ["greenmail", "postfix"])
         if "slow" not in skip:
-            wl_drain(ctx, res, [10000], [1000], args.runs, ["greenmail", "anchor_reuse"], 0, "slow", 2)
+            wl_drain(ctx, res, [10000], [1000], args.runs, names(SLOW_PEERS), 0, "slow", 2)
         if "drain" not in skip:
             wl_drain(ctx, res, [10000, 100000], [10, 100], args.runs, names(DEFAULT_DRAIN_PEERS), 10000)
         if "enqueue" not in skip:
