@@ -81,15 +81,23 @@ def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -
     show_default=True,
     help="log lines as text (Postfix style) or one JSON object per line",
 )
-def run(config_path: str | None, once: bool, verbose: bool, log_format: str) -> None:
+@click.option("--worker", hidden=True, help="K/N: run as delivery process K of N (started by process 0)")
+def run(config_path: str | None, once: bool, verbose: bool, log_format: str, worker: str | None) -> None:
     """Run the delivery daemon in the foreground (logs to stderr)."""
     cfg = load_config(config_path)
     setup_logging(verbose, log_format, cfg, batched=True)  # the daemon writes pending lines every 0.2 s
     from greenmail.daemon import Daemon
     from greenmail.errors import ConfigError, GreenmailError
+    from greenmail.workers import parse_worker
 
     try:
-        code = Daemon(cfg, once=once).run()
+        share = parse_worker(worker) if worker else None
+    except ValueError as e:
+        fail(str(e), EX_USAGE)
+    args = [*(["--config", config_path] if config_path else []), "--log-format", log_format]
+    args += [*(["--once"] if once else []), *(["-v"] if verbose else [])]
+    try:
+        code = Daemon(cfg, once=once, worker=share, args=args).run()
     except ConfigError as e:
         fail(f"configuration error: {e}", EX_CONFIG)
     except GreenmailError as e:

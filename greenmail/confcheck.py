@@ -25,6 +25,8 @@ TLS_MODES = ("starttls", "opportunistic", "implicit", "none")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
 SPOOL_PATH = "var/spool"  # relative to the configuration file's directory
 MIN_BACKOFF, MAX_BACKOFF = 300, 4000  # the retry defaults, checked against each other
+MAX_CONNECTIONS = 10  # delivery.max_connections' default, checked against delivery.processes
+MAX_PROCESSES = 64
 TIMEOUTS = ("connect", "banner", "command", "data_init", "data_block", "data_end")
 
 
@@ -130,6 +132,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "check_interval": _positive_duration,
         "connect_tries": _int_range(1, 1000),
         "shutdown_grace": _duration,
+        "processes": _int_range(1, MAX_PROCESSES),
     },
     "retry": {
         "min_backoff": _duration,
@@ -170,6 +173,12 @@ def validate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if lo > hi:
         raise ConfigError(f"retry.max_backoff: must be >= retry.min_backoff ({lo}), got {hi}")
     _check_relay(out.get("relay", {}))
+    delivery = out.get("delivery", {})
+    procs, conns = delivery.get("processes", 1), delivery.get("max_connections", MAX_CONNECTIONS)
+    if procs > conns:
+        raise ConfigError(
+            f"delivery.processes: must not exceed delivery.max_connections ({conns}), got {procs}"
+        )
     return out
 
 

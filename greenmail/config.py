@@ -97,10 +97,11 @@ def _loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class DeliveryConfig:
-    max_connections: int = 10
+    max_connections: int = confcheck.MAX_CONNECTIONS
     check_interval: float = 60
     connect_tries: int = 3
     shutdown_grace: float = 30
+    processes: int = 1
 
 
 @dataclass(frozen=True)

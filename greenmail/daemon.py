@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import gevent
@@ -32,6 +33,7 @@ from greenmail.scheduler import Scheduler
 from greenmail.session import Session
 from greenmail.shaping import RateLimiter, Throttle
 from greenmail.spool import Spool
+from greenmail.workers import Link, MergedRegistry, Supervisor, share_config
 
 log = logging.getLogger("greenmail")
 LOG_INTERVAL = 0.2  # seconds: how long a log line may wait to be written with others
@@ -74,10 +76,30 @@ def shielded(fn: Any, *args: Any) -> Any:
 
 
 class Daemon:
-    def __init__(self, config: Config, once: bool = False) -> None:
+    """``greenmail run``: delivery process ``worker`` = (K, N); process 0 supervises the others.
+
+    ``args`` are the command's options, for the children (``delivery.processes`` > 1).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        once: bool = False,
+        worker: tuple[int, int] | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
+        worker = worker or (0, config.delivery.processes)
+        self.worker = worker
+        self.metrics = Metrics(config.delivery.max_connections)  # the total, whichever the share
+        config = share_config(config, worker)
         self.cfg = config
         self.once = once
-        self.metrics = Metrics(config.delivery.max_connections)
+        self.supervisor: Supervisor | None = None
+        self.link: Link | None = None
+        if worker[0] == 0 and worker[1] > 1:
+            merged = self.metrics.exposed = MergedRegistry(self.metrics.registry)
+            grace = config.delivery.shutdown_grace
+            self.supervisor = Supervisor(worker[1], list(args), merged, once, grace)
         self.spool = Spool(config.spool.path)
         self.helo = config.relay.helo or socket.getfqdn()
         self.outbox = Outbox(
@@ -88,6 +110,7 @@ class Daemon:
             hostname=self.helo,
             relay=config.relay.relays[0][0],
             shield=shielded,
+            worker=worker,
         )
         self.throttle = Throttle(config.delivery.max_connections)
         self.limiter = RateLimiter(config.relay.rate_limit)
@@ -99,6 +122,7 @@ class Daemon:
         )
         self.http: WSGIServer | None = None
         self._stop = Event()
+        self._signalled = Event()
         self._fatal: BaseException | None = None
 
     def _new_session(self, on_greeted: Any) -> Any:
@@ -111,17 +135,23 @@ class Daemon:
         self.spool.ensure()
         offload(self.spool.lock_owner)
         try:
+            if self.worker[0]:
+                self._start_link()
+            elif not self.once:
+                self._start_http()
+            if self.supervisor is not None:
+                self.supervisor.start()  # first: the children start up while this process does
             moved = offload(self.spool.recover)
+            k, n = self.worker
             log.info(
-                "greenmail started: spool=%s relay=%s tls=%s max_connections=%d check_interval=%gs%s",
+                "greenmail started: spool=%s relay=%s tls=%s max_connections=%d check_interval=%gs%s%s",
                 self.spool.path, ",".join(f"{h}:{p}" for h, p in self.cfg.relay.relays),
                 self.cfg.relay.tls_mode,
                 self.cfg.delivery.max_connections, self.cfg.delivery.check_interval,
+                f", delivery process {k}/{n}" if n > 1 else "",
                 f", {moved} claims of dead daemons returned" if moved else "",
                 extra={"fields": {"event": "start"}},
             )  # fmt: skip
-            if not self.once:
-                self._start_http()
             self._start(("once", self._run_once) if self.once else ("scheduler", self.scheduler.run))
             if not self.once:
                 self._start(("wake-up watcher", self.scheduler.watch))
@@ -129,9 +159,17 @@ class Daemon:
             self._stop.wait()
             self._graceful_stop()
         finally:
+            if self.supervisor is not None and not self.supervisor.stopping:
+                self.supervisor.stop()  # an error ended this process: the children go too
+                self.supervisor.join()
+            if self.link is not None:
+                self.link.last_report()
             if self.http is not None:
                 self.http.stop(timeout=1)
             offload(self.spool.unlock_owner)
+        if self.supervisor is not None and self.supervisor.failed:
+            log.error("a delivery process ended with an error", extra={"fields": {"event": "stop"}})
+            return 1
         if self._fatal is not None:
             log.critical(
                 "greenmail stopped after a fatal error: %r", self._fatal, extra={"fields": {"event": "stop"}}
@@ -142,12 +180,19 @@ class Daemon:
 
     def _on_signal(self, sig: int) -> None:
         log.info("signal %s: stopping", signal.Signals(sig).name)
+        self._signalled.set()
         self._stop.set()
 
     def _fatal_error(self, greenlet: gevent.Greenlet) -> None:
         self._fatal = greenlet.exception
         log.critical("%s died: %r", getattr(greenlet, "name", "greenlet"), greenlet.exception)
         self._stop.set()
+
+    def _start_link(self) -> None:
+        """A child: report metrics to the supervisor; stop when it is gone."""
+        link = self.link = Link(self.metrics.registry, self._stop.set)
+        self._start(("supervisor watcher", link.watch_parent))
+        self._start(("metrics reporter", link.report_forever))
 
     def _start_http(self) -> None:
         addr = self.cfg.metrics.address
@@ -186,6 +231,17 @@ class Daemon:
         self._stop.set()
 
     def _graceful_stop(self) -> None:
+        sup = self.supervisor
+        if sup is not None and not (self.once and not self._signalled.is_set()):
+            sup.stop()  # the children stop while this process does
+        self._stop_sessions()
+        if sup is not None:
+            if self.once:
+                sup.wait(self._signalled)  # their passes end in their own time
+                sup.stop()
+            sup.join()
+
+    def _stop_sessions(self) -> None:
         self.scheduler.stop()
         grace = self.cfg.delivery.shutdown_grace
         pool = self.scheduler.pool

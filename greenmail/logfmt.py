@@ -17,11 +17,12 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s greenmail[%(process)d]: %(levelname)s %(message)s"
+PIPE_BUF = 4096  # bytes a pipe writes at once (POSIX: at least 512; Linux: 4096)
 RESERVED = ("time", "level", "logger", "pid", "message")  # JSON keys fields cannot override
 SECRET_WORDS = ("password", "secret", "token")
 
@@ -114,10 +115,30 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 return
             lines, self._pending = self._pending, []
             try:
-                self.stream.write("\n".join(lines) + "\n")
-                self.stream.flush()
+                for piece in _pieces(lines, PIPE_BUF):
+                    self.stream.write(piece)
+                    self.stream.flush()
             except Exception:
                 self.handleError(logging.makeLogRecord({"msg": lines[0]}))
+
+
+def _pieces(lines: list[str], size: int) -> Iterator[str]:
+    """The lines joined into pieces of at most ``size`` bytes where they allow it.
+
+    Several delivery processes write to one stderr; a write of up to
+    PIPE_BUF bytes to a pipe is never interleaved with another's.
+    """
+    piece: list[str] = []
+    length = 0
+    for line in lines:
+        n = len(line.encode()) + 1 if not line.isascii() else len(line) + 1
+        if piece and length + n > size:
+            yield "\n".join(piece) + "\n"
+            piece, length = [], 0
+        piece.append(line)
+        length += n
+    if piece:
+        yield "\n".join(piece) + "\n"
 
 
 def formatter(fmt: str) -> logging.Formatter:

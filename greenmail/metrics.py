@@ -135,6 +135,7 @@ class Metrics:
     def __init__(self, max_connections: int = 0) -> None:
         disable_created_metrics()  # no *_created series: half the output, queried by nothing
         r = self.registry = CollectorRegistry()
+        self.exposed: Any = r  # what /metrics serves: with several delivery processes, all of them
         ProcessCollector(registry=r)
         GCCollector(registry=r)
         p = "greenmail_"
@@ -204,7 +205,7 @@ class Metrics:
         child.inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
 
 class SpoolGauges:

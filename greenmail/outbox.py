@@ -28,7 +28,7 @@ from greenmail import bounce
 from greenmail.config import RetryConfig
 from greenmail.errors import CorruptQueueFile
 from greenmail.metrics import Metrics, SpoolGauges
-from greenmail.queuefile import HOST, Entry, id_time, parse_name
+from greenmail.queuefile import HOST, Entry, id_time, name_id, parse_name, share
 from greenmail.spool import ACTIVE, FAILED, Claim, Spool
 
 log = logging.getLogger("greenmail.queue")
@@ -58,8 +58,10 @@ class Outbox:
         shield: Callable[..., Any] = direct_call,
         hostname: str = HOST,
         relay: str | None = None,
+        worker: tuple[int, int] = (0, 1),
     ) -> None:
         self.spool = spool
+        self.worker = worker  # (k, n): this process sends the messages of share k of n
         self.retry = retry
         self.hostname = hostname
         self.relay = relay
@@ -118,6 +120,8 @@ class Outbox:
             if e.name in self._known:
                 continue
             self._known.add(e.name)
+            if share(e.id, self.worker[1]) != self.worker[0]:
+                continue  # another delivery process's message
             self.gauges.indexed(e.id, e.attempts > 0, id_time(e.id))
             if e.due(now):
                 self._due.append(e)
@@ -331,8 +335,13 @@ class Outbox:
 
     def update_gauges(self) -> None:
         """Resync the active/failed gauges from a listing (the rest follow every event)."""
-        self.gauges.listed(*self.offload(_count_dirs, (self.spool,)))
+        self.gauges.listed(*self.offload(_count_dirs, (self.spool, self.worker)))
 
 
-def _count_dirs(spool: Spool) -> tuple[int, int]:
-    return len(os.listdir(spool.dir(ACTIVE))), len(os.listdir(spool.dir(FAILED)))
+def _count_dirs(spool: Spool, worker: tuple[int, int]) -> tuple[int, int]:
+    """Claims of this process's share, and failed messages (counted by the first process only)."""
+    k, n = worker
+    active = os.listdir(spool.dir(ACTIVE))
+    if n > 1:
+        active = [name for name in active if share(name_id(name), n) == k]
+    return len(active), len(os.listdir(spool.dir(FAILED))) if k == 0 else 0

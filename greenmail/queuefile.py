@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
@@ -51,6 +52,16 @@ class Entry:
 
     def renamed(self, attempts: int, next_at: int) -> Entry:
         return Entry(format_name(self.id, attempts, next_at), self.id, attempts, next_at)
+
+
+def share(qid: str, processes: int) -> int:
+    """Which of ``processes`` delivery processes sends the message ``qid`` (the same in every one)."""
+    return zlib.crc32(qid.encode()) % processes if processes > 1 else 0
+
+
+def name_id(name: str) -> str:
+    """The queue id in a spool file name (``ID``, ``ID,ATTEMPTS,NEXT``, either ``@OWNER``)."""
+    return name.partition("@")[0].partition(",")[0]
 
 
 def format_name(qid: str, attempts: int, next_at: int) -> str:

@@ -1,0 +1,272 @@
+"""Several delivery processes on one spool (``delivery.processes``): both halves of the link.
+
+One gevent hub uses one CPU. With ``processes = N`` the daemon started by
+the operator is delivery process 0 and the supervisor of N-1 children
+(``greenmail run --worker K/N``), each with its own hub, owner lock and
+sessions. The queue is split by queue id (queuefile.share), so no two
+processes race for the same file; ``max_connections`` and ``rate_limit``
+are split between them.
+
+Owns: each process's share of the configuration; starting, watching and
+restarting the children, passing on a stop, waiting for them; the link's
+two pipes: a child's stdin (EOF: the supervisor is gone, stop) and its
+stdout (a snapshot of its metrics, one JSON line a second and one at
+exit); merging the children's snapshots into the supervisor's /metrics:
+counters, histograms and gauges of the spool and connections are summed,
+the oldest-message time is the earliest; everything else is the
+supervisor's own.
+Must not touch: delivery, the spool's files, SMTP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+from gevent import subprocess
+from gevent.os import make_nonblocking, nb_read, nb_write
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+from greenmail.config import Config
+
+log = logging.getLogger("greenmail.workers")
+REPORT_INTERVAL = 1.0  # seconds between a child's metric snapshots
+RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # after a child dies: the wait before each new start
+STOP_MARGIN = 15.0  # seconds a child gets beyond shutdown_grace before it is killed
+SUMMED_GAUGES = ("greenmail_connections_active", "greenmail_spool_messages")
+EARLIEST = "greenmail_spool_oldest_message_timestamp_seconds"
+
+Snapshot = dict[str, list[tuple[str, dict[str, str], float]]]
+
+
+def parse_worker(text: str) -> tuple[int, int]:
+    """``K/N`` -> (K, N) with 0 <= K < N."""
+    k, _, n = text.partition("/")
+    try:
+        worker = int(k), int(n)
+    except ValueError:
+        raise ValueError(f"--worker: expected K/N, got {text!r}") from None
+    if not 0 <= worker[0] < worker[1]:
+        raise ValueError(f"--worker: expected 0 <= K < N, got {text!r}")
+    return worker
+
+
+def share_config(cfg: Config, worker: tuple[int, int]) -> Config:
+    """The configuration as process K of N runs it: its part of the connections and the rate."""
+    k, n = worker
+    if n == 1:
+        return cfg
+    total = cfg.delivery.max_connections
+    conns = total // n + (k < total % n)
+    rate = cfg.relay.rate_limit / n
+    return dataclasses.replace(
+        cfg,
+        delivery=dataclasses.replace(cfg.delivery, max_connections=conns),
+        relay=dataclasses.replace(cfg.relay, rate_limit=rate),
+    )
+
+
+def _merged(family: Any) -> str | None:
+    """How a metric family is combined over the processes: "sum", "min" or None (the supervisor's)."""
+    if family.name == EARLIEST:
+        return "min"
+    if family.name.startswith("greenmail_") and (
+        family.type in ("counter", "histogram") or family.name in SUMMED_GAUGES
+    ):
+        return "sum"
+    return None
+
+
+def snapshot(registry: Any) -> Snapshot:
+    """The families a child reports, as {family: [(sample, labels, value)]}."""
+    return {
+        f.name: [(s.name, s.labels, s.value) for s in f.samples]
+        for f in registry.collect()
+        if _merged(f) is not None
+    }
+
+
+class MergedRegistry(Collector):
+    """The supervisor's registry with the children's last snapshots added in (what /metrics serves).
+
+    When a child ends, its counters and histograms are kept (``retire``), so
+    the sums never go back; its gauges go with it.
+    """
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+        self.children: dict[int, Snapshot] = {}
+        self._retired: Snapshot = {}
+
+    def retire(self, k: int) -> None:
+        snap = self.children.pop(k, {})
+        counted = {f: v for f, v in snap.items() if f not in SUMMED_GAUGES and f != EARLIEST}
+        self._retired = _add(self._retired, counted)
+
+    def collect(self) -> Iterator[Any]:
+        snaps = [*self.children.values(), self._retired]
+        for family in self.registry.collect():
+            how = _merged(family)
+            if how is not None:
+                family.samples = _combine(family.samples, family.name, how, snaps)
+            yield family
+
+
+def _add(a: Snapshot, b: Snapshot) -> Snapshot:
+    """Two snapshots of counters summed."""
+    out: Snapshot = {}
+    for family in a.keys() | b.keys():
+        total: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for name, labels, value in [*a.get(family, ()), *b.get(family, ())]:
+            key = (name, tuple(sorted(labels.items())))
+            total[key] = total.get(key, 0.0) + value
+        out[family] = [(name, dict(labels), value) for (name, labels), value in total.items()]
+    return out
+
+
+def _combine(samples: list[Any], family: str, how: str, snaps: list[Snapshot]) -> list[Any]:
+    """``samples`` with the same samples of ``snaps`` summed in (or the earliest non-zero kept)."""
+    out = {(s.name, tuple(sorted(s.labels.items()))): s for s in samples}
+    for snap in snaps:
+        for name, labels, value in snap.get(family, ()):
+            key = (name, tuple(sorted(labels.items())))
+            mine = out.get(key)
+            if mine is None:
+                out[key] = Sample(name, labels, value)
+            elif how == "sum":
+                out[key] = mine._replace(value=mine.value + value)
+            elif value and (not mine.value or value < mine.value):
+                out[key] = mine._replace(value=value)
+    return list(out.values())
+
+
+# -- the child's half ------------------------------------------------------------------
+
+
+class Link:
+    """A child's end: report metrics on stdout, stop when stdin closes (the supervisor is gone)."""
+
+    def __init__(self, registry: Any, stop: Any) -> None:
+        self.registry = registry
+        self.stop = stop  # called once the supervisor is gone
+        make_nonblocking(0)
+        make_nonblocking(1)
+
+    def watch_parent(self) -> None:
+        while nb_read(0, 4096):
+            pass
+        log.warning("the supervising process is gone: stopping")
+        self.stop()
+
+    def report_forever(self) -> None:
+        while True:
+            self.report()
+            gevent.sleep(REPORT_INTERVAL)
+
+    def last_report(self) -> None:
+        """The final counts, at exit (nobody may be listening any more)."""
+        try:
+            self.report()
+        except OSError as e:
+            log.info("last metrics report not sent: %s", e)
+
+    def report(self) -> None:
+        data = memoryview(json.dumps(snapshot(self.registry)).encode() + b"\n")
+        while data:
+            data = data[nb_write(1, data) :]
+
+
+# -- the supervisor's half -------------------------------------------------------------
+
+
+class Supervisor:
+    """Starts children 1..N-1, restarts one that dies (unless stopping or --once), stops them all."""
+
+    def __init__(self, n: int, args: list[str], metrics: MergedRegistry, once: bool, grace: float) -> None:
+        self.n = n
+        self.args = args  # greenmail run's options, passed on to every child
+        self.metrics = metrics
+        self.once = once
+        self.grace = grace
+        self.stopping = False
+        self.failed = False  # a child ended with a non-zero status in --once mode
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._watchers: list[gevent.Greenlet] = []
+
+    def start(self) -> None:
+        for k in range(1, self.n):
+            self._watchers.append(gevent.spawn(self._keep, k))
+
+    def _spawn(self, k: int) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "greenmail", "run", *self.args, "--worker", f"{k}/{self.n}"]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        log.info("delivery process %d/%d started: pid %d", k, self.n, proc.pid)
+        return proc
+
+    def _keep(self, k: int) -> None:
+        """Run child k; when it dies while the daemon runs, start a new one after a pause."""
+        restarts = 0
+        while not self.stopping:
+            proc = self.procs[k] = self._spawn(k)
+            self._read_reports(k, proc)
+            code = proc.wait()
+            self.metrics.retire(k)
+            if self.once and not self.stopping:
+                self.failed |= code != 0
+                return
+            if self.stopping:
+                return
+            delay = RESTART_DELAYS[min(restarts, len(RESTART_DELAYS) - 1)]
+            log.error(
+                "delivery process %d/%d (pid %d) ended with status %s; a new one in %gs",
+                k, self.n, proc.pid, code, delay,
+            )  # fmt: skip
+            restarts += 1
+            gevent.sleep(delay)
+
+    def _read_reports(self, k: int, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                self.metrics.children[k] = json.loads(line)
+            except ValueError:
+                log.warning("delivery process %d: unreadable metrics report ignored", k)
+
+    def wait(self, interrupt: Any) -> None:
+        """--once: wait until every child's pass has ended, or ``interrupt`` (an Event) is set."""
+        while not interrupt.is_set():
+            alive = [g for g in self._watchers if not g.dead]
+            if not alive:
+                return
+            gevent.wait([interrupt, *alive], count=1)
+
+    def stop(self) -> None:
+        """Ask every child to stop (SIGTERM); ``join`` waits for them."""
+        self.stopping = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def join(self) -> None:
+        """Wait for the children to end: SIGKILL after shutdown_grace + STOP_MARGIN."""
+        self.stopping = True
+        deadline = time.monotonic() + self.grace + STOP_MARGIN
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("delivery process pid %d did not stop in time: killing it", proc.pid)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+        gevent.joinall(self._watchers, timeout=10)
+        for proc in self.procs.values():
+            if proc.stdin is not None:
+                proc.stdin.close()
