@@ -21,8 +21,7 @@ def check(addr: str, *, null_ok: bool = False) -> str:
         return ""
     if not addr:
         raise AddressError("empty address")
-    bad = next((c for c in addr if c.isspace() or ord(c) < 32 or ord(c) == 127), None)
-    if bad is not None:
+    if not _clean(addr):
         raise AddressError(f"address {addr!r} contains whitespace or a control character")
     for c in "<>,":
         if c in addr:
@@ -37,6 +36,13 @@ def check(addr: str, *, null_ok: bool = False) -> str:
     if size > MAX_LENGTH:
         raise AddressError(f"address {addr[:40]!r}... is longer than {MAX_LENGTH} octets")
     return addr
+
+
+def _clean(addr: str) -> bool:
+    """No whitespace and no control character (C0 or DEL) in ``addr``."""
+    if addr.isascii():  # the common case, without a loop: ASCII printable is exactly 0x20-0x7E
+        return addr.isprintable() and " " not in addr
+    return not any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in addr)
 
 
 def lenient(field: str, *, null_ok: bool = False) -> str:
