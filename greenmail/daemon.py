@@ -213,6 +213,9 @@ class Daemon:
             return False, f"stale: last periodic check {age:.1f}s ago"
         if not os.access(self.spool.path / "tmp", os.W_OK):
             return False, "spool not writable"
+        missing = self.supervisor.missing() if self.supervisor is not None else []
+        if missing:
+            return False, f"delivery process {missing[0]}/{self.worker[1]} not running (restarting)"
         return True, f"ok: last periodic check {age:.1f}s ago"
 
     def _start(self, job: tuple[str, Any]) -> None:

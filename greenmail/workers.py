@@ -215,22 +215,32 @@ class Supervisor:
         """Run child k; when it dies while the daemon runs, start a new one after a pause."""
         restarts = 0
         while not self.stopping:
-            proc = self.procs[k] = self._spawn(k)
-            self._read_reports(k, proc)
-            code = proc.wait()
-            self.metrics.retire(k)
+            code = self._run_child(k)
             if self.once and not self.stopping:
                 self.failed |= code != 0
                 return
             if self.stopping:
                 return
             delay = RESTART_DELAYS[min(restarts, len(RESTART_DELAYS) - 1)]
-            log.error(
-                "delivery process %d/%d (pid %d) ended with status %s; a new one in %gs",
-                k, self.n, proc.pid, code, delay,
-            )  # fmt: skip
+            log.error("delivery process %d/%d ended (status %s); a new one in %gs", k, self.n, code, delay)
             restarts += 1
             gevent.sleep(delay)
+
+    def _run_child(self, k: int) -> int | str:
+        """Start child k and follow it to its end: its exit status, or why it did not start."""
+        try:
+            proc = self.procs[k] = self._spawn(k)
+        except OSError as e:
+            return f"not started: {e}"
+        try:
+            self._read_reports(k, proc)
+            return proc.wait()
+        finally:
+            self.metrics.retire(k)
+
+    def missing(self) -> list[int]:
+        """The children not running now (between a death and the restart)."""
+        return [k for k in range(1, self.n) if k not in self.procs or self.procs[k].poll() is not None]
 
     def _read_reports(self, k: int, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None

@@ -6,18 +6,20 @@ tests/e2e/test_processes.py.
 
 from __future__ import annotations
 
+import sys
 import zlib
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from gevent import subprocess
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from greenmail import confcheck, config, logfmt, queuefile
 from greenmail.errors import ConfigError
 from greenmail.metrics import Metrics
-from greenmail.workers import MergedRegistry, parse_worker, share_config, snapshot
+from greenmail.workers import MergedRegistry, Supervisor, parse_worker, share_config, snapshot
 
 
 def test_share_is_crc32_of_the_id_and_spreads_the_queue() -> None:
@@ -153,3 +155,27 @@ def test_log_pieces_fit_a_pipe_write_and_keep_every_line() -> None:
     for piece in pieces:
         assert piece.endswith("\n")
         assert len(piece.encode()) <= 4096 or piece.count("\n") == 1  # only a single long line is longer
+
+
+def test_a_child_that_cannot_start_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sup = Supervisor(2, [], MergedRegistry(Metrics().registry), once=False, grace=1)
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    status = sup._run_child(1)
+    assert isinstance(status, str) and status.startswith("not started:")
+    assert sup.missing() == [1]
+
+
+def test_missing_lists_the_children_not_running() -> None:
+    sup = Supervisor(3, [], MergedRegistry(Metrics().registry), once=False, grace=1)
+    running = subprocess.Popen(["sleep", "30"])
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    try:
+        assert sup.missing() == [1, 2]
+        sup.procs = {1: running, 2: ended}
+        assert sup.missing() == [2]
+    finally:
+        running.kill()
+        running.wait()
