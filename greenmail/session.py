@@ -27,10 +27,7 @@ from greenmail.spool import Claim
 
 log = logging.getLogger("greenmail.session")
 CHUNK = 64 * 1024
-LOG_LINE = (
-    "%(queue_id)s: to=<%(to)s>, relay=%(relay)s, delay=%(delay).2f, attempts=%(attempts)d, "
-    "dsn=%(dsn)s, status=%(status)s (%(reply)s)"
-)
+STATUS = {Rcpt.DELIVERED: "sent", Rcpt.DEFERRED: "deferred", Rcpt.FAILED: "bounced"}
 
 
 class Session:
@@ -342,22 +339,29 @@ class Session:
         return reply.cls == 2
 
     def _log(self, claim: Claim, txn: Transaction) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
         for rcpt, result in txn.results.items():
             reply = txn.replies[rcpt]
-            status = {Rcpt.DELIVERED: "sent", Rcpt.DEFERRED: "deferred", Rcpt.FAILED: "bounced"}[result]
-            self._log_rcpt(claim, rcpt, status, reply.enhanced or f"{reply.cls}.0.0", str(reply))
+            self._log_rcpt(claim, rcpt, STATUS[result], reply.enhanced or f"{reply.cls}.0.0", str(reply))
 
     def _log_rcpt(self, claim: Claim, rcpt: str, status: str, dsn: str, reply: str) -> None:
         """The Postfix-style line for one recipient of one attempt (fields also for --log-format json)."""
+        delay = round(time.time() - claim.queued_at, 2)
+        attempts = claim.entry.attempts + 1
+        line = (
+            f"{claim.id}: to=<{rcpt}>, relay={self.relay}, delay={delay:.2f}, attempts={attempts}, "
+            f"dsn={dsn}, status={status} ({reply})"
+        )
         fields = {
             "event": "delivery",
             "queue_id": claim.id,
             "to": rcpt,
             "relay": self.relay,
-            "delay": round(time.time() - claim.queued_at, 2),
-            "attempts": claim.entry.attempts + 1,
+            "delay": delay,
+            "attempts": attempts,
             "dsn": dsn,
             "status": status,
             "reply": reply,
         }
-        log.info(LOG_LINE, fields, extra={"fields": fields})
+        log.info(line, extra={"fields": fields})  # no arguments: the line is not %-formatted again

@@ -693,3 +693,17 @@ def test_connect_timeout(tmp_path: Path) -> None:
     assert h.m("connection_attempts_total", result="timeout") == 1
     assert h.greeted == [False]
     assert_untouched(h, qid)
+
+
+def test_delivery_line_keeps_a_reply_with_percent_signs_verbatim(
+    h: Harness, server: FaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The delivery line is built whole, not %-formatted: a relay's '%s' or '%(x)d' is text."""
+    qid = h.enqueue()
+    server.script = {"rcpt": "450 4.2.1 busy %s %(x)d 100%"}
+    with caplog.at_level(logging.INFO, logger="greenmail"):
+        h.run()
+    lines = [r.getMessage() for r in caplog.records if qid in r.getMessage() and "status=" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].endswith("dsn=4.2.1, status=deferred (450 4.2.1 busy %s %(x)d 100%)")
+    assert lines[0].startswith(f"{qid}: to=<")
