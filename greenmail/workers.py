@@ -232,6 +232,8 @@ class Supervisor:
             proc = self.procs[k] = self._spawn(k)
         except OSError as e:
             return f"not started: {e}"
+        if self.stopping:  # stop() came while it was starting
+            proc.send_signal(signal.SIGTERM)
         try:
             self._read_reports(k, proc)
             return proc.wait()
