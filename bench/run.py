@@ -116,9 +116,9 @@ def proc_table() -> dict[int, tuple[int, str]]:
     return out
 
 
-def tree(exclude: Iterable[int] = ()) -> dict[int, str]:
+def tree(exclude: Iterable[int] = (), table: dict[int, tuple[int, str]] | None = None) -> dict[int, str]:
     """Our descendants {pid: state}, without the subtrees rooted at ``exclude`` (the sink)."""
-    table = proc_table()
+    table = proc_table() if table is None else table
     kids: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         kids.setdefault(ppid, []).append(pid)
@@ -194,6 +194,20 @@ def tree_cpu(exclude: Iterable[int]) -> float:
     return ticks / CLK + ru.ru_utime + ru.ru_stime
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(platform.machine())
+KCMP_VM = 1
+
+
+def shares_memory(pid: int, other: int) -> bool:
+    """Whether two processes have one address space: a child between vfork() and exec()
+    (how Python's subprocess starts a program). Its RSS and PSS are its parent's; counted
+    again they would double the tree's memory for a sample."""
+    if SYS_KCMP is None:
+        return False
+    return _LIBC.syscall(SYS_KCMP, pid, other, KCMP_VM, 0, 0) == 0
+
+
 def mem_kb(pid: int) -> tuple[int, int]:
     """(RSS, PSS) in kB; (0, 0) when the process is gone."""
     rss = pss = 0
@@ -247,9 +261,13 @@ class Sampler(threading.Thread):
         self._halt = threading.Event()
 
     def sample(self) -> tuple[int, int, list[int]]:
-        pids = [p for p, s in tree(self.exclude).items() if s != "Z"]
+        table = proc_table()
+        pids = [p for p, s in tree(self.exclude, table).items() if s != "Z"]
         rss = pss = 0
         for p in pids:
+            parent = table[p][0]
+            if parent in pids and shares_memory(parent, p):
+                continue  # vfork()ed, not yet exec()ed: the parent's memory, already counted
             r, s = mem_kb(p)
             rss += r
             pss += s
