@@ -271,7 +271,8 @@ def test_a_killed_child_is_replaced_and_nothing_is_lost(tmp_path: Path) -> None:
     daemon = None
     pids: tuple[int, ...] = ()
     try:
-        config = config_for(tmp_path, relay)
+        mport = support.free_port()
+        config = config_for(tmp_path, relay, metrics={"listen": f"127.0.0.1:{mport}"})
         mids = drop_many(spool, 200, "kill")
         by_name = {name: q.message_id for name, q in queued(spool).items()}
         daemon = start_daemon(config, tmp_path / "daemon.log")
@@ -283,6 +284,11 @@ def test_a_killed_child_is_replaced_and_nothing_is_lost(tmp_path: Path) -> None:
         )
         os.kill(child, signal.SIGKILL)
         support.wait_until(lambda: not alive(child), 5, what="the child to die")
+        healthz = f"http://127.0.0.1:{mport}/healthz"
+        status, why = support.wait_until(
+            lambda: (r := pt.http_get(healthz))[0] == 503 and r, 1, interval=0.02, what="/healthz 503"
+        )
+        assert b"delivery process 1/2 not running" in why, why
         # the dead child's claims, before its successor returns them: the messages in flight
         claims = claims_of(spool, child)
         assert claims, "nothing was in flight at the kill: recovery is not tested"
@@ -297,6 +303,7 @@ def test_a_killed_child_is_replaced_and_nothing_is_lost(tmp_path: Path) -> None:
         new = support.wait_until(successor, 3, what="a new child within ~2 s")
         pids = (child, new)
         assert workers(parent) == {new: arg}, "the new child does the dead one's share"
+        support.wait_until(lambda: pt.http_get(healthz)[0] == 200, 5, interval=0.05, what="/healthz 200")
 
         support.wait_until(lambda: set(relay.message_ids()) >= mids, 30, what="all 200 at the relay")
         support.wait_until(lambda: spool_empty(spool), 5, what="an empty spool")
@@ -336,6 +343,10 @@ def test_children_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
         assert daemon.wait(5) == -signal.SIGKILL
         assert alive(child), "the child died with the parent: the test proves nothing"
         support.wait_until(lambda: not alive(child), 10, interval=0.05, what="the orphaned child to exit")
+        log = daemon.text()
+        assert re.search(rf"greenmail\[{child}\]: WARNING the supervising process is gone", log), log
+        assert re.search(rf"greenmail\[{child}\]: INFO greenmail stopped", log), log  # a clean exit
+        assert "Traceback" not in log, log
     finally:
         if daemon is not None:
             stop_all(daemon, (child,) if child else ())
