@@ -20,6 +20,7 @@ Must not touch: delivery, the spool's files, SMTP.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -108,8 +109,11 @@ class MergedRegistry(Collector):
 
     def retire(self, k: int) -> None:
         snap = self.children.pop(k, {})
-        counted = {f: v for f, v in snap.items() if f not in SUMMED_GAUGES and f != EARLIEST}
-        self._retired = _add(self._retired, counted)
+        for family in snap:
+            if family not in SUMMED_GAUGES and family != EARLIEST:  # counts stay, gauges go
+                kept = [Sample(*t) for t in self._retired.get(family, ())]
+                summed = _combine(kept, family, "sum", [snap])
+                self._retired[family] = [(x.name, x.labels, x.value) for x in summed]
 
     def collect(self) -> Iterator[Any]:
         snaps = [*self.children.values(), self._retired]
@@ -120,24 +124,16 @@ class MergedRegistry(Collector):
             yield family
 
 
-def _add(a: Snapshot, b: Snapshot) -> Snapshot:
-    """Two snapshots of counters summed."""
-    out: Snapshot = {}
-    for family in a.keys() | b.keys():
-        total: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        for name, labels, value in [*a.get(family, ()), *b.get(family, ())]:
-            key = (name, tuple(sorted(labels.items())))
-            total[key] = total.get(key, 0.0) + value
-        out[family] = [(name, dict(labels), value) for (name, labels), value in total.items()]
-    return out
+def _labels(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(labels.items()))
 
 
 def _combine(samples: list[Any], family: str, how: str, snaps: list[Snapshot]) -> list[Any]:
     """``samples`` with the same samples of ``snaps`` summed in (or the earliest non-zero kept)."""
-    out = {(s.name, tuple(sorted(s.labels.items()))): s for s in samples}
+    out = {(s.name, _labels(s.labels)): s for s in samples}
     for snap in snaps:
         for name, labels, value in snap.get(family, ()):
-            key = (name, tuple(sorted(labels.items())))
+            key = (name, _labels(labels))
             mine = out.get(key)
             if mine is None:
                 out[key] = Sample(name, labels, value)
@@ -233,7 +229,7 @@ class Supervisor:
         except OSError as e:
             return f"not started: {e}"
         if self.stopping:  # stop() came while it was starting
-            proc.send_signal(signal.SIGTERM)
+            _signal(proc, signal.SIGTERM)
         try:
             self._read_reports(k, proc)
             return proc.wait()
@@ -264,8 +260,7 @@ class Supervisor:
         """Ask every child to stop (SIGTERM); ``join`` waits for them."""
         self.stopping = True
         for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            _signal(proc, signal.SIGTERM)
 
     def join(self) -> None:
         """Wait for the children to end: SIGKILL after shutdown_grace + STOP_MARGIN."""
@@ -276,9 +271,15 @@ class Supervisor:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("delivery process pid %d did not stop in time: killing it", proc.pid)
-                proc.send_signal(signal.SIGKILL)
+                _signal(proc, signal.SIGKILL)
                 proc.wait(timeout=10)
         gevent.joinall(self._watchers, timeout=10)
         for proc in self.procs.values():
             if proc.stdin is not None:
                 proc.stdin.close()
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal a child unless it is known to be gone (gevent may have reaped it a moment ago)."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
