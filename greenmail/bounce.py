@@ -120,10 +120,14 @@ def _group(*fields: tuple[str, str]) -> Message:
     return group
 
 
+def header_block(head: bytes) -> bytes:
+    """The header block at the start of ``head`` (a message's first bytes), without the blank line."""
+    end = re.search(rb"\r?\n(\r?\n)", head)
+    return head[: end.start(1)] if end else head
+
+
 def original_headers(path: str, offset: int) -> bytes:
     """The header block of the queued message at ``path`` (body excluded), capped."""
     with open(path, "rb") as f:
         f.seek(offset)
-        head = f.read(MAX_HEADERS)
-    end = re.search(rb"\r?\n(\r?\n)", head)
-    return head[: end.start(1)] if end else head
+        return header_block(f.read(MAX_HEADERS))

@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from greenmail import entry
-from greenmail.entry import (
+from greenmail.exits import (
     EX_CANTCREAT,
     EX_CONFIG,
     EX_DATAERR,
@@ -24,7 +23,7 @@ from greenmail.entry import (
     EX_USAGE,
     fail,
     load_config,
-    open_spool,
+    open_queue,
 )
 
 if TYPE_CHECKING:
@@ -67,7 +66,9 @@ def main() -> None:
 @click.option("--to", "recipients", required=True, multiple=True, help="envelope recipient (repeatable)")
 def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -> None:
     """Read one message on stdin, spool it, print its queue id."""
-    entry.enqueue(config_path, sender, recipients)
+    from greenmail import submit
+
+    submit.enqueue(config_path, sender, recipients)
 
 
 @main.command()
@@ -115,9 +116,8 @@ def queue() -> None:
 def _queue_call(config_path: str | None, fn: Callable[..., Any], *args: Any) -> Any:
     from greenmail.errors import MessageBusy, NotFound
 
-    spool = open_spool(load_config(config_path))
     try:
-        return fn(spool, *args)
+        return fn(open_queue(load_config(config_path)), *args)
     except NotFound as e:
         fail(str(e), EX_DATAERR)
     except MessageBusy as e:
@@ -131,37 +131,12 @@ def queue_list(config_path: str | None, as_json: bool) -> None:
     """One entry per message: id, state, size, attempts, sender, recipients."""
     from greenmail import admin
 
-    infos = _queue_call(config_path, admin.list_messages)
+    infos = _queue_call(config_path, lambda q: q.list())
     if as_json:
         click.echo(json.dumps([i.as_json() for i in infos], indent=2))
         return
-    if infos:
-        head = f"{'-Queue ID-':<26} {'-State-':<9} {'--Size--':>9}"
-        click.echo(f"{head} -Arrival, age, attempts, next- -Sender/Recipient-")
-    for i in infos:
-        nxt = f"  next={i.next_attempt}" if i.next_attempt else ""
-        click.echo(
-            f"{i.id:<26} {i.state:<9} {i.size:>9} {i.queued_at} age={_age(i.queued_at)}"
-            f"  attempts={i.attempts}{nxt}  <{i.sender}>"
-        )
-        for rcpt, st in i.recipient_states.items():
-            click.echo(f"{'':<26} {st:<9} <{rcpt}>")
-        if i.last_error:
-            click.echo(f"{'':<26} ({i.last_error})")
-    click.echo(f"-- {len(infos)} message{'s' if len(infos) != 1 else ''}")
-
-
-def _age(iso: str) -> str:
-    """How long ago an ISO 8601 UTC time was, as 42s, 7m, 3h or 2d."""
-    from datetime import UTC, datetime
-
-    seconds = max(
-        0, int((datetime.now(UTC) - datetime.fromisoformat(iso.replace("Z", "+00:00"))).total_seconds())
-    )
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    for line in admin.table(infos):
+        click.echo(line)
 
 
 @queue.command("show")
@@ -171,13 +146,12 @@ def queue_show(config_path: str | None, qid: str) -> None:
     """Envelope, state and the message."""
     from greenmail import admin
 
-    info, path, offset = _queue_call(config_path, admin.message_path, qid)
-    for key, value in info.as_json().items():
-        click.echo(f"{key}: {value if not isinstance(value, list | dict) else json.dumps(value)}")
-    click.echo("")
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while chunk := f.read(65536):
+    info, body = _queue_call(config_path, lambda q: q.show(qid))
+    with body:
+        for line in admin.description(info):
+            click.echo(line)
+        click.echo("")
+        while chunk := body.read(65536):
             sys.stdout.buffer.write(chunk)
     sys.stdout.flush()
 
@@ -188,15 +162,13 @@ def queue_show(config_path: str | None, qid: str) -> None:
 @click.option("--all-failed", "all_failed", is_flag=True, help="every message in failed/")
 def queue_delete(config_path: str | None, qid: str | None, all_failed: bool) -> None:
     """Remove a message (not while it is being sent), or --all-failed."""
-    from greenmail import admin
-
     if bool(qid) == all_failed:
         fail("queue delete: give a queue id or --all-failed", EX_USAGE)
     if all_failed:
-        n = _queue_call(config_path, admin.delete_failed)
+        n = _queue_call(config_path, lambda q: q.delete_failed())
         click.echo(f"{n} failed message{'s' if n != 1 else ''} deleted")
     else:
-        _queue_call(config_path, admin.delete, qid)
+        _queue_call(config_path, lambda q: q.delete(qid))
         click.echo(f"{qid}: deleted")
 
 
@@ -213,13 +185,11 @@ def queue_hold(config_path: str | None, qid: str) -> None:
 @click.argument("qid")
 def queue_release(config_path: str | None, qid: str) -> None:
     """Give a held message back to the queue."""
-    _switch(config_path, "release", qid, "released", "was not held")
+    _switch(config_path, "release_hold", qid, "released", "was not held")
 
 
 def _switch(config_path: str | None, op: str, qid: str, done: str, unchanged: str) -> None:
-    from greenmail import admin
-
-    changed = _queue_call(config_path, getattr(admin, op), qid)
+    changed = _queue_call(config_path, lambda q: getattr(q, op)(qid))
     click.echo(f"{qid}: {done if changed else unchanged}")
 
 
@@ -229,16 +199,20 @@ def _switch(config_path: str | None, op: str, qid: str, done: str, unchanged: st
 @click.option("--all", "retry_all", is_flag=True, help="every deferred message")
 def queue_retry(config_path: str | None, qid: str | None, retry_all: bool) -> None:
     """Make a deferred message (or --all) due now; a failed one is queued again."""
-    from greenmail import admin
-
     if bool(qid) == retry_all:
         fail("queue retry: give a queue id or --all", EX_USAGE)
     if retry_all:
-        n = _queue_call(config_path, admin.retry_all)
+        n = _queue_call(config_path, _retry_all)
         click.echo(f"{n} message{'s' if n != 1 else ''} due now")
     else:
-        changed = _queue_call(config_path, admin.retry, qid)
+        changed = _queue_call(config_path, lambda q: q.retry(qid))
         click.echo(f"{qid}: {'due now' if changed else 'already due'}")
+
+
+def _retry_all(q: Any) -> int:
+    n = q.retry_all()
+    q.wake()  # queued mail held back by an unreachable relay is tried now too
+    return n
 
 
 @main.command()
@@ -294,8 +268,7 @@ def sendmail(ctx: click.Context, argv: tuple[str, ...]) -> None:
     cfg = load_config(opts.config)
     try:
         sender, rcpts, message = sm.prepare(opts, sm.read_message(sys.stdin.buffer, opts.dot_ends))
-        spool = open_spool(cfg)
-        spool.enqueue(sender, rcpts, message)
+        open_queue(cfg).enqueue(sender, rcpts, message)
     except sm.UsageError as e:
         fail(f"sendmail: {e}", EX_USAGE)
     except (AddressError, sm.DataError) as e:

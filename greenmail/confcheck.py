@@ -1,17 +1,13 @@
 """The configuration's rules: which sections and keys exist, what each accepts.
 
-Owns: the schema (every key's check), the checks between keys, the defaults
-those checks need, and where the spool directory is. config.py builds the
-frozen Config on top of ``validate``; ``greenmail enqueue`` calls the same
-``validate`` and ``spool_dir`` without loading config.py (its dataclasses,
-pathlib and tomllib cost more than the enqueue itself), so both reject the
-same files with the same words.
-Must not touch: reading files, dataclasses, pathlib (light on purpose).
+Owns: the schema (every key's check), the checks between keys and the
+defaults those checks need. config.py builds the frozen Config on top of
+``validate``.
+Must not touch: reading files, the Config dataclasses.
 """
 
 from __future__ import annotations
 
-from greenmail import purepath
 from greenmail.errors import ConfigError
 
 TYPE_CHECKING = False
@@ -192,8 +188,3 @@ def _check_relay(v: dict[str, Any]) -> None:
         raise ConfigError("relay.password_env: give either password_file or password_env, not both")
     if "tls_key_file" in v and "tls_cert_file" not in v:
         raise ConfigError("relay.tls_key_file: needs relay.tls_cert_file")
-
-
-def spool_dir(sections: dict[str, dict[str, Any]], base: str) -> str:
-    """The spool directory of validated ``sections``; a relative path is taken from ``base``."""
-    return purepath.join(base, sections.get("spool", {}).get("path", SPOOL_PATH))

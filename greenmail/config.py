@@ -2,8 +2,8 @@
 
 Owns: every setting's name, type and default; finding the file (--config or
 $GREENMAIL_CONFIG); resolving relative paths against the file's directory.
-What each key accepts is checked by confcheck.py (shared with the light
-``greenmail enqueue`` path). Nothing else in greenmail reads settings from anywhere.
+What each key accepts is checked by confcheck.py. Nothing else in greenmail
+reads settings from anywhere.
 Must not touch: the spool, sockets, gevent.
 """
 
@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from greenmail import confcheck
+from greenmail import confcache, confcheck
 from greenmail.confcheck import AUTH_MECHANISMS, SCHEMA, TLS_MODES  # noqa: F401 - part of this API
 from greenmail.errors import ConfigError
 
-ENV_VAR = "GREENMAIL_CONFIG"
-DEFAULT_PATHS = (Path("/etc/greenmail/greenmail.toml"),)
+ENV_VAR = confcache.ENV_VAR
+DEFAULT_PATHS = tuple(Path(p) for p in confcache.DEFAULT_PATHS)
 
 
 @dataclass(frozen=True)
@@ -149,26 +149,31 @@ class Config:
 
 def find(path: str | os.PathLike[str] | None) -> Path:
     """The config file to use: the argument, $GREENMAIL_CONFIG, or the system default."""
-    if path:
-        return Path(path)
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env)
-    for candidate in DEFAULT_PATHS:
-        if candidate.exists():
-            return candidate
-    raise ConfigError(f"no configuration: pass --config PATH or set ${ENV_VAR}")
+    found = confcache.find(os.fspath(path) if path else None, [str(p) for p in DEFAULT_PATHS])
+    if found is None:
+        raise ConfigError(f"no configuration: pass --config PATH or set ${ENV_VAR}")
+    return Path(found)
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read, validate and freeze the configuration; ConfigError names the bad key."""
+    """Read, validate and freeze the configuration; ConfigError names the bad key.
+
+    Leaves the settings a submission needs in the cache beside the file (confcache.py).
+    """
     file = find(path)
     try:
         with open(file, "rb") as f:
             data = f.read()
     except OSError as e:
         raise ConfigError(f"{file}: cannot read configuration: {e.strerror}") from None
-    return parse(data, file)
+    cfg = parse(data, file)
+    confcache.store(str(file), submission_settings(cfg))
+    return cfg
+
+
+def submission_settings(cfg: Config) -> dict[str, Any]:
+    """What ``greenmail enqueue`` needs of the configuration (kept by confcache.py)."""
+    return {"spool": str(cfg.spool.path)}
 
 
 def parse(data: bytes, file: Path) -> Config:
@@ -184,7 +189,7 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Co
     """Validate a parsed TOML document; relative paths resolve against ``base``."""
     sections = confcheck.validate(raw)
     return Config(
-        spool=SpoolConfig(path=Path(confcheck.spool_dir(sections, str(base)))),
+        spool=SpoolConfig(path=base / sections.get("spool", {}).get("path", confcheck.SPOOL_PATH)),
         relay=_relay(sections.get("relay", {}), base),
         delivery=DeliveryConfig(**sections.get("delivery", {})),
         retry=RetryConfig(**sections.get("retry", {})),

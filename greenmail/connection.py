@@ -19,6 +19,7 @@ from gevent import socket, ssl
 from greenmail import auth, wire
 from greenmail.config import RelayConfig, Timeouts
 from greenmail.errors import (
+    AuthFailed,
     ConfigError,
     ConnectFailed,
     ConnectionLost,
@@ -26,21 +27,24 @@ from greenmail.errors import (
     RelayRefused,
     SmtpError,
     SmtpTimeout,
+    TlsFailed,
 )
 from greenmail.metrics import Metrics
-from greenmail.protocol import HELO_FALLBACK, Action, Stage, decide
+from greenmail.protocol import (
+    HELO_FALLBACK,
+    STAGE_OF,
+    Action,
+    Client,
+    Cmd,
+    Expect,
+    Stage,
+    Transaction,
+    decide,
+)
 from greenmail.shaping import Throttle
 
 log = logging.getLogger("greenmail.connection")
 QUIT_TIMEOUT = 10.0
-
-
-class TlsFailed(RelayRefused):
-    """TLS could not be set up (handshake, verification, or STARTTLS missing when required)."""
-
-
-class AuthFailed(RelayRefused):
-    """Authentication was refused or impossible; no message is to blame."""
 
 
 def tls_context(relay: RelayConfig) -> ssl.SSLContext:
@@ -85,18 +89,37 @@ class Transport:
         return cls(relay, timeouts, metrics, helo, ctx, relay.password(), throttle)
 
 
+# Commands that count as reaching their stage when sent (an AUTH answer, BDAT, RSET and QUIT do not).
+COUNTED = frozenset({Cmd.EHLO, Cmd.HELO, Cmd.STARTTLS, Cmd.AUTH, Cmd.MAIL, Cmd.RCPT, Cmd.DATA})
+
+
 class Connection:
     def __init__(self, transport: Transport) -> None:
         self.tp = transport
         self.t = transport.timeouts
         self.metrics = transport.metrics
         self.sock: socket.socket | None = None
-        self.parser = wire.ReplyParser()
-        self.extensions: dict[str, str] = {}
+        self.client = Client(transport.relay.pipelining)
         self.tls = False
-        self.closing: wire.Reply | None = None  # the relay said 421: read and send nothing more
         host, port = transport.relay.relays[0]
         self.relay = f"{host}:{port}"
+        self._timeouts = {
+            Cmd.BANNER: self.t.banner,
+            Cmd.DATA: self.t.data_init,
+            Cmd.BDAT: self.t.data_block,
+            Cmd.END: self.t.data_end,
+            Cmd.BDAT_LAST: self.t.data_end,
+            Cmd.QUIT: min(self.t.command, QUIT_TIMEOUT),
+        }
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        return self.client.extensions
+
+    @property
+    def closing(self) -> wire.Reply | None:
+        """The relay's 421, once it said it: nothing more is read or sent."""
+        return self.client.closing
 
     # -- opening -------------------------------------------------------------------
 
@@ -121,8 +144,8 @@ class Connection:
 
     def _connect(self, host: str, port: int) -> None:
         self.relay = f"{host}:{port}"
-        self.parser = wire.ReplyParser()
-        self.extensions, self.tls = {}, False
+        self.client = Client(self.tp.relay.pipelining)
+        self.tls = False
         try:
             self.sock = socket.create_connection((host, port), timeout=self.t.connect)
         except TimeoutError:
@@ -142,11 +165,11 @@ class Connection:
             self._wrap(host)
 
     def _counted(self, result: str) -> None:
-        self.metrics.connects.labels(result=result).inc()
+        self.metrics.count("connect", result)
 
     def _greet(self, host: str) -> None:
-        self.metrics.stage_reached.labels(stage="banner").inc()
-        banner = self.read(Stage.BANNER, self.t.banner)
+        self.metrics.stage("banner")
+        _, banner = self.read()
         if decide(Stage.BANNER, banner) is not Action.PROCEED:
             raise RelayRefused(f"relay refused the session: {banner}", "banner")
         self._ehlo()
@@ -161,26 +184,22 @@ class Connection:
             self._auth()
 
     def _ehlo(self) -> None:
-        reply = self.command(wire.command("EHLO", self.tp.helo), Stage.HELO, self.t.command)
+        reply = self.command(Cmd.EHLO, wire.command("EHLO", self.tp.helo))
         action = decide(Stage.HELO, reply)
         if action is Action.FALLBACK:
-            reply = self.command(wire.command("HELO", self.tp.helo), Stage.HELO, self.t.command)
+            reply = self.command(Cmd.HELO, wire.command("HELO", self.tp.helo))
             action = HELO_FALLBACK.get(reply.cls, Action.PROTOCOL)
-            self.extensions = {}
-        else:
-            self.extensions = _extensions(reply)
         if action is Action.ABORT:
             raise RelayRefused(f"relay refused HELO: {reply}", "helo")
         if action is not Action.PROCEED:
             raise ProtocolError(f"unexpected reply to EHLO/HELO: {reply}", "helo")
 
     def _starttls(self, host: str) -> None:
-        reply = self.command(b"STARTTLS\r\n", Stage.STARTTLS, self.t.command)
+        reply = self.command(Cmd.STARTTLS, b"STARTTLS\r\n")
         if decide(Stage.STARTTLS, reply) is not Action.PROCEED:
             raise TlsFailed(f"relay refused STARTTLS: {reply}", "starttls")
-        if self.parser.pending:  # bytes sent before the handshake must not count as TLS-protected
-            raise ProtocolError("the relay sent data after its STARTTLS reply", "starttls")
         self._wrap(host)
+        self.client.tls_started()
         self._ehlo()  # RFC 3207 4.2: forget what was learned before TLS
 
     def _wrap(self, host: str) -> None:
@@ -197,7 +216,6 @@ class Connection:
         except OSError as e:
             raise ConnectionLost(f"connection lost during the TLS handshake: {e}", "starttls") from None
         self.tls = True
-        self.parser = wire.ReplyParser()
 
     def _auth(self) -> None:
         rc = self.tp.relay
@@ -213,39 +231,34 @@ class Connection:
         user, password = rc.username or "", self.tp.password or ""
         first = auth.initial(mech, user, password)
         line = f"AUTH {mech} {first}" if first else f"AUTH {mech}"
-        reply = self.command(wire.command(line), Stage.AUTH, self.t.command)
+        reply = self.command(Cmd.AUTH, wire.command(line))
         for step in range(3):
             action = decide(Stage.AUTH, reply)
             if action is not Action.CONTINUE:
                 break
             answer = auth.respond(mech, step, reply.lines[0], user, password)
-            reply = self.command(wire.command(answer), Stage.AUTH, self.t.command, count=False)
+            reply = self.command(Cmd.AUTH_ANSWER, wire.command(answer))
         if decide(Stage.AUTH, reply) is not Action.PROCEED:
             raise AuthFailed(f"authentication as {user} failed: {reply}", "auth")
 
     # -- the wire ------------------------------------------------------------------
 
-    def command(self, line: bytes, stage: Stage, timeout: float, count: bool = True) -> wire.Reply:
-        """Send one command and read its reply (no pipelining)."""
-        self.send_commands([(line, stage)], count)
-        return self.read(stage, timeout)
+    def command(self, cmd: Cmd, line: bytes) -> wire.Reply:
+        """Send one command and read its reply (nothing pipelined)."""
+        self.send(self.push(cmd, line), cmd.value)
+        return self.read()[1]
 
-    def send_commands(self, lines: list[tuple[bytes, Stage]], count: bool = True) -> None:
-        """Write commands in one go; the caller reads their replies in order."""
-        if self.parser.pending:  # a reply before its command would be taken for the next one's
-            raise ProtocolError("the relay sent a reply ahead of the command", lines[0][1].label)
-        self.send(self.encode_commands(lines, count), lines[0][1].label, self.t.command)
+    def push(self, cmd: Cmd, line: bytes, txn: Transaction | None = None, rcpt: str | None = None) -> bytes:
+        """The protocol's record that ``line`` goes out (counted as its stage reached); its bytes."""
+        data = self.client.send(cmd, line, txn, rcpt)
+        if cmd in COUNTED:
+            self.metrics.stage(STAGE_LABEL[cmd])
+        return data
 
-    def encode_commands(self, lines: list[tuple[bytes, Stage]], count: bool = True) -> bytes:
-        """Commands as one write; each counted as its stage reached (they are about to be sent)."""
-        if count:
-            for _, stage in lines:
-                self.metrics.stage_reached.labels(stage=stage.label).inc()
-        return b"".join(line for line, _ in lines)
-
-    def send(self, data: bytes, label: str, timeout: float) -> None:
+    def send(self, data: bytes, label: str, timeout: float | None = None) -> None:
         sock = self.sock
         assert sock is not None
+        timeout = self.t.command if timeout is None else timeout
         sock.settimeout(timeout)
         try:
             sent = sock.send(data)  # gevent's sendall asks the kernel for SO_SNDBUF on every call
@@ -260,18 +273,22 @@ class Connection:
         except OSError as e:
             raise ConnectionLost(f"connection lost while sending: {e}", label) from None
 
-    def read(self, stage: Stage | None, timeout: float) -> wire.Reply:
-        """The next reply, within ``timeout`` in all; counted under ``stage``."""
+    def read(self) -> tuple[Expect, wire.Reply]:
+        """The next reply and what it answers, within that command's timeout; counted under its stage."""
         assert self.sock is not None
+        expect = self.client.expected[0] if self.client.expected else None
+        cmd = expect.cmd if expect is not None else Cmd.QUIT
+        stage = STAGE_OF[cmd]
         label = stage.label if stage is not None else "quit"
+        timeout = self._timeouts.get(cmd, self.t.command)
         deadline = time.monotonic() + timeout
         try:
-            while (reply := self.parser.next_reply()) is None:
+            while (got := self.client.next_reply()) is None:
                 self.sock.settimeout(max(0.001, deadline - time.monotonic()))
                 data = self.sock.recv(65536)
                 if not data:
                     raise ConnectionLost("connection closed by the relay", label)
-                self.parser.feed(data)
+                self.client.receive(data)
         except TimeoutError:
             raise SmtpTimeout(f"timeout after {timeout:g}s waiting for the {label} reply", label) from None
         except ProtocolError as e:
@@ -280,19 +297,20 @@ class Connection:
             raise ProtocolError(str(e), label) from None
         except OSError as e:
             raise ConnectionLost(f"connection lost: {e}", label) from None
+        expect, reply = got
         if stage is not None:
             self.metrics.reply(stage.label, reply.code)
-        if reply.code == 421:  # RFC 5321 3.8: the relay is closing the connection
-            self.closing = reply
-            if self.tp.throttle is not None:
-                self.tp.throttle.on_421()
-        return reply
+        if reply.code == 421 and self.tp.throttle is not None:  # RFC 5321 3.8: the relay is closing
+            self.tp.throttle.on_421()
+        return expect, reply
 
     def quit(self) -> None:
-        """QUIT and read the reply, best effort."""
+        """QUIT and read the reply, best effort (not after a 421, nor where the protocol forbids it)."""
+        if not self.client.can_send(Cmd.QUIT):
+            return
         try:
-            self.send(b"QUIT\r\n", "quit", QUIT_TIMEOUT)
-            self.read(None, min(self.t.command, QUIT_TIMEOUT))
+            self.send(self.push(Cmd.QUIT, b"QUIT\r\n"), "quit", QUIT_TIMEOUT)
+            self.read()
         except SmtpError:
             pass
 
@@ -302,11 +320,4 @@ class Connection:
             self.sock = None
 
 
-def _extensions(reply: wire.Reply) -> dict[str, str]:
-    """EHLO keywords (upper case) and their parameters, from the lines after the first."""
-    out = {}
-    for line in reply.lines[1:]:
-        keyword, _, params = line.partition(" ")
-        if keyword:
-            out[keyword.upper()] = params
-    return out
+STAGE_LABEL = {cmd: stage.label for cmd, stage in STAGE_OF.items() if stage is not None}

@@ -12,7 +12,6 @@ Must not touch: SMTP details, file formats.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import time
@@ -24,7 +23,7 @@ from gevent import GreenletExit
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
-from greenmail import logfmt
+from greenmail import backends, logfmt
 from greenmail.config import Config
 from greenmail.connection import Transport
 from greenmail.metrics import Metrics, wsgi_app
@@ -32,8 +31,7 @@ from greenmail.outbox import Outbox
 from greenmail.scheduler import Scheduler
 from greenmail.session import Session
 from greenmail.shaping import RateLimiter, Throttle
-from greenmail.spool import Spool
-from greenmail.workers import Link, MergedRegistry, Supervisor, share_config
+from greenmail.workers import Link, Reports, Supervisor, share_config
 
 log = logging.getLogger("greenmail")
 LOG_INTERVAL = 0.2  # seconds: how long a log line may wait to be written with others
@@ -97,20 +95,21 @@ class Daemon:
         self.supervisor: Supervisor | None = None
         self.link: Link | None = None
         if worker[0] == 0 and worker[1] > 1:
-            merged = self.metrics.exposed = MergedRegistry(self.metrics.registry)
+            reports = Reports()
+            self.metrics.others = reports.snapshots
             grace = config.delivery.shutdown_grace
-            self.supervisor = Supervisor(worker[1], list(args), merged, once, grace)
-        self.spool = Spool(config.spool.path)
+            self.supervisor = Supervisor(worker[1], list(args), reports, once, grace)
+        self.queue = backends.delivery_queue(config, offload, worker)
+        self.metrics.queue_gauges = self.queue.gauges
         self.helo = config.relay.helo or socket.getfqdn()
         self.outbox = Outbox(
-            self.spool,
+            self.queue,
             config.retry,
             self.metrics,
-            offload,
             hostname=self.helo,
             relay=config.relay.relays[0][0],
             shield=shielded,
-            worker=worker,
+            offload=offload,
         )
         self.throttle = Throttle(config.delivery.max_connections)
         self.limiter = RateLimiter(config.relay.rate_limit)
@@ -118,7 +117,7 @@ class Daemon:
             config.relay, config.timeouts, self.metrics, self.helo, self.throttle
         )
         self.scheduler = Scheduler(
-            config, self.spool, self.outbox, self.metrics, self._new_session, self.throttle
+            config, self.queue, self.outbox, self.metrics, self._new_session, self.throttle
         )
         self.http: WSGIServer | None = None
         self._stop = Event()
@@ -126,14 +125,13 @@ class Daemon:
         self._fatal: BaseException | None = None
 
     def _new_session(self, on_greeted: Any) -> Any:
-        return Session(self.transport, self.outbox, on_greeted, self.limiter).run
+        return Session(self.transport, self.outbox, on_greeted, self.limiter, offload).run
 
     def run(self) -> int:
         """Run until stopped (or, with --once, until the pass is over); the exit code."""
         for sig in (signal.SIGTERM, signal.SIGINT):  # first: a signal now still stops cleanly
             gevent.signal_handler(sig, self._on_signal, sig)
-        self.spool.ensure()
-        offload(self.spool.lock_owner)
+        moved = self.queue.open()
         try:
             if self.worker[0]:
                 self._start_link()
@@ -141,11 +139,10 @@ class Daemon:
                 self._start_http()
             if self.supervisor is not None:
                 self.supervisor.start()  # first: the children start up while this process does
-            moved = offload(self.spool.recover)
             k, n = self.worker
             log.info(
-                "greenmail started: spool=%s relay=%s tls=%s max_connections=%d check_interval=%gs%s%s",
-                self.spool.path, ",".join(f"{h}:{p}" for h, p in self.cfg.relay.relays),
+                "greenmail started: %s relay=%s tls=%s max_connections=%d check_interval=%gs%s%s",
+                self.queue.where, ",".join(f"{h}:{p}" for h, p in self.cfg.relay.relays),
                 self.cfg.relay.tls_mode,
                 self.cfg.delivery.max_connections, self.cfg.delivery.check_interval,
                 f", delivery process {k}/{n}" if n > 1 else "",
@@ -166,7 +163,7 @@ class Daemon:
                 self.link.last_report()
             if self.http is not None:
                 self.http.stop(timeout=1)
-            offload(self.spool.unlock_owner)
+            self.queue.close()
         if self.supervisor is not None and self.supervisor.failed:
             log.error("a delivery process ended with an error", extra={"fields": {"event": "stop"}})
             return 1
@@ -190,7 +187,7 @@ class Daemon:
 
     def _start_link(self) -> None:
         """A child: report metrics to the supervisor; stop when it is gone."""
-        link = self.link = Link(self.metrics.registry, self._stop.set)
+        link = self.link = Link(self.metrics, self._stop.set)
         self._start(("supervisor watcher", link.watch_parent))
         self._start(("metrics reporter", link.report_forever))
 
@@ -211,8 +208,9 @@ class Daemon:
             return False, "no periodic check has run yet"
         if age > limit:
             return False, f"stale: last periodic check {age:.1f}s ago"
-        if not os.access(self.spool.path / "tmp", os.W_OK):
-            return False, "spool not writable"
+        problem = self.queue.problem()
+        if problem is not None:
+            return False, problem
         missing = self.supervisor.missing() if self.supervisor is not None else []
         if missing:
             return False, f"delivery process {missing[0]}/{self.worker[1]} not running (restarting)"
@@ -253,4 +251,4 @@ class Daemon:
             if not pool.join(timeout=grace):
                 log.warning("grace period over: stopping %d sessions, their messages go back", len(pool))
                 pool.kill(timeout=max(5.0, self.cfg.timeouts.command))
-        self.outbox.flush()  # the last removals made durable before exit
+        self.queue.flush()  # the last removals made durable before exit

@@ -1,89 +1,32 @@
-"""Putting messages into the spool: the writing half that ``greenmail enqueue`` needs.
+"""Putting messages into the spool durably: the writing half that every way in shares.
 
-Owns: the spool's directory names and creating them; queue ids; the bytes a
-new queue file starts with (envelope lines, the Date:/Message-ID: headers
-added where missing); the durable write: O_EXCL create in tmp/, write, fsync,
-rename into outgoing/, fsync the directory. Spool.enqueue and the light
-``greenmail enqueue`` path both call ``enqueue_many``; queuefile.py re-exports
-the format pieces. Light on purpose: os, time and greenmail's address checks
-and errors only — no pathlib, re, logging, dataclasses or typing at run time,
-because a process per message pays for every import.
-Must not touch: claims, scans, delivery state (spool.py, queuefile.py), gevent.
+Owns: the checks at submission (addresses, an empty message, an envelope too
+big for a queue file), the bytes a new queue file starts with (the envelope
+lines, a trace header the caller may give, the Date:/Message-ID: headers
+added where missing), and the durable write: O_EXCL create in tmp/, write,
+fsync, a rename into outgoing/ that never replaces a file, fsync of the
+directory. ``Incoming`` is that write fed chunk by chunk (the SMTP listener);
+``enqueue_many`` writes whole messages, several at once. Whether a message
+has 8-bit bytes is seen here, once, and kept in the file's mode (layout.mode).
+Must not touch: claims, scans, delivery state (spool.py), gevent.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import time
 
-from greenmail import address, purepath
-from greenmail.errors import EnqueueError, GreenmailError
+from greenmail import address, layout
+from greenmail.errors import EnqueueError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
     from typing import BinaryIO
 
-TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, HOLD, META, OWNERS = (
-    "tmp",
-    "outgoing",
-    "outgoing_active",
-    "failed",
-    "corrupt",
-    "hold",
-    "meta",
-    "owners",
-)
-DIRS = (TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, HOLD, META, OWNERS)
 CHUNK = 64 * 1024
-HEAD = 256 * 1024  # how far enqueue reads (and looks for Date:/Message-ID:) before writing
-HOST = (
-    "".join(c if c.isascii() and (c.isalnum() or c in ".-") else "-" for c in os.uname().nodename)
-    or "localhost"
-)
+HEAD = 256 * 1024  # how far the header block is looked into for Date:/Message-ID:
 _HEADER_NAME = bytes(b for b in range(0x21, 0x7F) if b != ord(":"))  # the bytes of a field name
-
-
-# -- the directories ---------------------------------------------------------------
-
-
-def ensure(spool: str) -> None:
-    """Create the spool directory and its subdirectories (mode 0700) where missing."""
-    try:
-        _mkdir(spool, 0o700, parents=True)
-        for d in DIRS:
-            _mkdir(f"{spool}/{d}", 0o700, parents=False)
-    except OSError as e:
-        raise GreenmailError(f"spool {spool}: cannot create: {e.strerror}") from None
-
-
-def _mkdir(path: str, mode: int, parents: bool) -> None:
-    """``Path(path).mkdir(mode, parents=parents, exist_ok=True)``, step for step."""
-    try:
-        os.mkdir(path, mode)
-    except FileNotFoundError:
-        up = purepath.parent(path)
-        if not parents or up == purepath.pure(path):
-            raise
-        _mkdir(up, 0o777, parents=True)
-        _mkdir(path, mode, parents=False)
-    except OSError:
-        if not _is_dir(path):
-            raise
-
-
-def _is_dir(path: str) -> bool:
-    """``Path.is_dir``: False when missing, an error for other failures (EACCES) as pathlib has it."""
-    try:
-        return stat.S_ISDIR(os.stat(path).st_mode)
-    except OSError as e:
-        if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
-            raise
-        return False
-    except ValueError:
-        return False
 
 
 # -- what a new queue file starts with ----------------------------------------------
@@ -94,13 +37,14 @@ def rfc5322_date(when: float | None = None) -> str:
     return time.strftime("%a, %d %b %Y %H:%M:%S %z", time.localtime(when))
 
 
-def new_id() -> str:
-    """A fresh queue id: enqueue time in microseconds, pid and randomness, in hex."""
-    return f"{time.time_ns() // 1000:013X}{os.getpid() & 0xFFFFF:05X}{os.urandom(3).hex().upper()}"
-
-
-def envelope_lines(sender: str, recipients: list[str] | tuple[str, ...]) -> bytes:
-    return f"{sender}\n{','.join(recipients)}\n".encode()
+def envelope_lines(sender: str, recipients: Sequence[str]) -> bytes:
+    lines = f"{sender}\n{','.join(recipients)}\n".encode()
+    if len(lines) > layout.MAX_ENVELOPE:
+        raise EnqueueError(
+            f"envelope too big: {len(recipients)} recipients take {len(lines)} bytes, at most "
+            f"{layout.MAX_ENVELOPE} fit in one queue file; split the message"
+        )
+    return lines
 
 
 def _starts_with_header(head: bytes) -> bool:
@@ -133,7 +77,7 @@ def added_headers(head: bytes, qid: str) -> bytes:
     if b"\ndate:" not in block:
         lines.append(b"Date: " + rfc5322_date().encode())
     if b"\nmessage-id:" not in block:
-        lines.append(f"Message-ID: <{qid}@{HOST}>".encode())
+        lines.append(f"Message-ID: <{qid}@{layout.HOST}>".encode())
     if not lines:
         return b""
     out = eol.join(lines) + eol
@@ -145,73 +89,176 @@ def added_headers(head: bytes, qid: str) -> bytes:
 # -- the durable write ----------------------------------------------------------------
 
 
+class Incoming:
+    """One message being written into tmp/; ``commit`` makes it durable in outgoing/.
+
+    Created with the checked envelope; ``write`` takes the message in
+    chunks (the first ones are held until the header block is seen, so the
+    added headers can be chosen); ``sync`` writes and fsyncs the file;
+    ``publish`` renames it into outgoing/ (the caller fsyncs the directory);
+    ``commit`` is both and the fsync. ``abort`` removes what was written.
+    Plain blocking file I/O: the daemon calls it through its threadpool.
+    """
+
+    def __init__(
+        self,
+        spool: str,
+        sender: str,
+        recipients: Sequence[str],
+        trace: Callable[[str], bytes] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.sender = address.check(sender, null_ok=True)
+        self.recipients = list(dict.fromkeys(address.check(r) for r in recipients))  # each address once
+        if not self.recipients:
+            raise EnqueueError("no recipients")
+        envelope = envelope_lines(self.sender, self.recipients)
+        self.id, fd, self._tmp = _create_tmp(spool)
+        self._file = os.fdopen(fd, "wb")
+        self._head: list[bytes] | None = []  # chunks held until the header block is seen
+        self._held = 0
+        self._prefix = envelope + (trace(self.id) if trace is not None else b"")
+        self.size = 0
+        self.eight_bit = False
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.size += len(data)
+        self.eight_bit = self.eight_bit or not data.isascii()
+        if self._head is None:
+            self._file.write(data)
+            return
+        self._head.append(data)
+        self._held += len(data)
+        if (
+            self._held >= HEAD
+            or b"\n\n" in data
+            or b"\n\r\n" in data
+            or _header_end(b"".join(self._head)) >= 0
+        ):
+            self._start()
+
+    def _start(self) -> None:
+        assert self._head is not None
+        head = b"".join(self._head)
+        self._head = None
+        self._file.write(self._prefix + added_headers(head[:HEAD], self.id) + head)
+
+    def sync(self) -> None:
+        """Write what is held and fsync the file; EnqueueError for an empty message."""
+        if self._head is not None:
+            if not self._held:
+                raise EnqueueError("empty message")
+            self._start()
+        self._file.flush()
+        os.fchmod(self._file.fileno(), layout.mode(self.eight_bit))
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def publish(self) -> str:
+        """Rename the file into outgoing/ under its final name; returns that name."""
+        layout.link_new(self._tmp, f"{self.spool}/{layout.OUTGOING}/{self.id}")
+        return self.id
+
+    def commit(self) -> str:
+        """Durable in outgoing/ on return; the queue id. Any failure leaves nothing."""
+        try:
+            self.sync()
+            name = self.publish()
+            try:
+                layout.fsync_dir(f"{self.spool}/{layout.OUTGOING}")
+            except BaseException:
+                _unlink_quietly(f"{self.spool}/{layout.OUTGOING}/{name}")
+                raise
+        except BaseException as e:
+            self.abort()
+            _reraise(e, self.spool)
+        return self.id
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        _unlink_quietly(self._tmp)
+
+
+class Dropoff:
+    """The submission side of a spool and nothing more: what ``greenmail enqueue`` needs, light."""
+
+    def __init__(self, spool: str) -> None:
+        layout.ensure(spool)
+        self.spool = spool
+
+    def enqueue(self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO) -> str:
+        return enqueue_many(self.spool, [(sender, recipients, message)])[0]
+
+
 def enqueue_many(spool: str, messages: Iterable[tuple[str, Sequence[str], bytes | BinaryIO]]) -> list[str]:
     """Write messages durably into ``spool``/outgoing/, all or none; their queue ids in order.
 
     Each is written and fsync'd in tmp/ (several fsyncs at once: the
-    filesystem commits them together), then all are renamed into
-    outgoing/ and the directory is fsync'd once. A crash before that
-    leaves nothing in outgoing/; an error leaves nothing anywhere.
-    ``spool`` is the directory as pathlib spells it (it appears in errors).
+    filesystem commits them together), then all are renamed into outgoing/
+    and the directory is fsync'd once. A crash before that leaves nothing in
+    outgoing/; an error leaves nothing anywhere.
     """
-    outgoing = f"{spool}/{OUTGOING}"
-    written: list[tuple[str, str]] = []
+    written: list[Incoming] = []
+    published: list[str] = []
     try:
-        items = [_checked(*m) for m in messages]
+        items = list(messages)
         if len(items) == 1:
-            written.append(_write_tmp(spool, *items[0]))
+            written.append(_write(spool, *items[0]))
         elif items:
             from concurrent.futures import ThreadPoolExecutor  # only batches need it
 
             with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
-                written.extend(pool.map(lambda item: _write_tmp(spool, *item), items))
-        for qid, tmp in written:
-            os.rename(tmp, f"{outgoing}/{qid}")
-        fsync_dir(outgoing)
+                futures = [pool.submit(_write, spool, *item) for item in items]
+                for f in futures:  # every one, so that a failure leaves none behind
+                    if f.exception() is None:
+                        written.append(f.result())
+                for f in futures:
+                    f.result()
+        for incoming in written:
+            published.append(incoming.publish())
+        layout.fsync_dir(f"{spool}/{layout.OUTGOING}")
     except BaseException as e:
-        for qid, tmp in written:
-            for path in (tmp, f"{outgoing}/{qid}"):
-                _unlink_quietly(path)
-        if isinstance(e, OSError):
-            raise EnqueueError(f"spool {spool}: cannot write: {e.strerror}") from None
-        raise
-    return [qid for qid, _ in written]
+        for incoming in written:
+            incoming.abort()
+        for name in published:
+            _unlink_quietly(f"{spool}/{layout.OUTGOING}/{name}")
+        _reraise(e, spool)
+    return [incoming.id for incoming in written]
 
 
-def _checked(
-    sender: str, recipients: Sequence[str], message: bytes | BinaryIO
-) -> tuple[str, list[str], _Reader, bytes]:
-    sender = address.check(sender, null_ok=True)
-    rcpts = list(dict.fromkeys(address.check(r) for r in recipients))  # each address once
-    if not rcpts:
-        raise EnqueueError("no recipients")
-    stream = _Reader(message)
-    head = stream.head()
-    if not head:
-        raise EnqueueError("empty message")
-    return sender, rcpts, stream, head
-
-
-def _write_tmp(spool: str, sender: str, rcpts: list[str], stream: _Reader, head: bytes) -> tuple[str, str]:
-    qid, fd, tmp = _create_tmp(spool)
+def _write(spool: str, sender: str, recipients: Sequence[str], message: bytes | BinaryIO) -> Incoming:
+    incoming = Incoming(spool, sender, recipients)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(envelope_lines(sender, rcpts))
-            f.write(added_headers(head, qid))
-            for chunk in stream.chunks():
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        for chunk in _chunks(message):
+            incoming.write(chunk)
+        incoming.sync()
     except BaseException:
-        _unlink_quietly(tmp)
+        incoming.abort()
         raise
-    return qid, tmp
+    return incoming
+
+
+def _chunks(message: bytes | BinaryIO) -> Iterator[bytes]:
+    if isinstance(message, bytes | bytearray | memoryview):
+        yield bytes(message)
+        return
+    while chunk := message.read(CHUNK):
+        yield chunk
+
+
+def _reraise(e: BaseException, spool: str) -> None:
+    if isinstance(e, OSError):
+        raise EnqueueError(f"spool {spool}: cannot write: {e.strerror or e}") from None
+    raise e
 
 
 def _create_tmp(spool: str) -> tuple[str, int, str]:
     for _ in range(100):
-        qid = new_id()
-        tmp = f"{spool}/{TMP}/{qid}"
+        qid = layout.new_id()
+        tmp = f"{spool}/{layout.TMP}/{qid}"
         try:
             return qid, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
         except FileExistsError:
@@ -221,53 +268,8 @@ def _create_tmp(spool: str) -> tuple[str, int, str]:
     raise EnqueueError("cannot find a free queue id")
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make the renames and removals in a directory durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _unlink_quietly(path: str) -> None:
     try:  # noqa: SIM105 - contextlib would be one more import on the enqueue path
         os.unlink(path)
     except OSError:
         pass
-
-
-class _Reader:
-    """A message source (bytes or a binary stream) read in chunks, head first."""
-
-    def __init__(self, source: bytes | BinaryIO) -> None:
-        self._bytes = source if isinstance(source, bytes | bytearray | memoryview) else None
-        self._stream = None if self._bytes is not None else source
-        self._head = b""
-
-    def head(self) -> bytes:
-        if self._bytes is not None:
-            self._head = bytes(self._bytes[:HEAD])
-            return self._head
-        assert self._stream is not None
-        parts = []
-        size = 0
-        while size < HEAD:
-            chunk = self._stream.read(CHUNK)
-            if not chunk:
-                break
-            parts.append(chunk)
-            size += len(chunk)
-            if b"\n\n" in chunk or b"\n\r\n" in chunk:
-                break
-        self._head = b"".join(parts)
-        return self._head
-
-    def chunks(self) -> Iterator[bytes]:
-        if self._bytes is not None:
-            yield bytes(self._bytes)
-            return
-        yield self._head
-        assert self._stream is not None
-        while chunk := self._stream.read(CHUNK):
-            yield chunk

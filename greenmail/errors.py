@@ -83,3 +83,17 @@ class RelayRefused(SmtpError):
     """The relay refused the session (banner or HELO); no message is to blame."""
 
     reason = "temporary"
+
+
+class LocalProtocolError(SmtpError):
+    """greenmail tried an SMTP step the protocol does not allow now (a bug); the connection is poisoned."""
+
+    reason = "protocol"
+
+
+class TlsFailed(RelayRefused):
+    """TLS could not be set up (handshake, verification, or STARTTLS missing when required)."""
+
+
+class AuthFailed(RelayRefused):
+    """Authentication was refused or impossible; no message is to blame."""

@@ -8,12 +8,8 @@ Must not touch: sockets, the spool's directories.
 
 from __future__ import annotations
 
-import os
-
 from greenmail.protocol import Transaction
 from greenmail.wire import Reply
-
-CHUNK = 64 * 1024
 
 
 def relay_size_limit(extensions: dict[str, str]) -> int:
@@ -50,13 +46,3 @@ def mail_params(extensions: dict[str, str], size: int, eight_bit: bool, utf8: bo
     if utf8:
         params.append("SMTPUTF8")
     return "".join(" " + p for p in params)
-
-
-def is_8bit(path: str | os.PathLike[str], offset: int) -> bool:
-    """Whether the message (from ``offset`` in its queue file) has any non-ASCII byte."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while chunk := f.read(CHUNK):
-            if not chunk.isascii():
-                return True
-    return False

@@ -1,30 +1,27 @@
-"""Metric objects and the HTTP app that serves them.
+"""greenmail's metrics: plain counts, exported through prometheus_client's public collector API.
 
-Owns: every greenmail_* family of the contract, defined once on the
-project's own registry (plus the process and GC collectors) with each
-enumerated label value present at 0 from start-up; SpoolGauges, the spool
-gauges as the queue moves messages (no disk is read during a scrape); the
-WSGI app for /metrics and /healthz.
+Owns: every greenmail_* family (its name, help, labels and the label values
+present at 0 from start-up), the counts themselves as plain numbers (only the
+hub's thread changes them: sessions, the queue and the /metrics handler are
+greenlets of one thread, so no lock is taken on the delivery path), the
+collector that turns them into families at scrape time, plain snapshots that
+delivery processes send to process 0 and the sum of them, and the WSGI app for
+/metrics and /healthz. The queue gauges are not kept here: they are asked of
+the queue when scraped (``queue_gauges``).
 Must not touch: delivery logic, the spool, sockets (the daemon serves the app).
 """
 
 from __future__ import annotations
 
 import bisect
-import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from greenmail import __version__
 from greenmail.protocol import STAGES
@@ -34,9 +31,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUEUE_REASONS = ("temporary", "timeout", "connection", "protocol", "shutdown")
 RESULTS = ("delivered", "deferred", "failed")
 CONNECT_RESULTS = ("ok", "refused", "timeout", "error")
-SPOOL_STATES = ("queued", "deferred", "active", "failed")
+SPOOL_STATES = ("queued", "deferred", "active", "failed", "held")
 SCAN_TRIGGERS = ("periodic", "wakeup")
-# Reply codes pre-created per stage so dashboards see the common ones at 0.
+# Reply codes present per stage from start-up, so dashboards see the common ones at 0.
 COMMON_CODES: dict[str, tuple[str, ...]] = {
     "banner": ("220", "421", "554"),
     "helo": ("250", "421", "502", "550"),
@@ -50,237 +47,180 @@ COMMON_CODES: dict[str, tuple[str, ...]] = {
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
 SESSION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
-
-class _Value:
-    """A sample's value without prometheus_client's lock: only the hub's thread touches metrics.
-
-    (Sessions, the queue and the /metrics handler are greenlets of one
-    thread; the threadpool does file I/O only.)
-    """
-
-    __slots__ = ("v",)
-
-    def __init__(self, v: float = 0.0) -> None:
-        self.v = v
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.v += amount
-
-    def dec(self, amount: float = 1.0) -> None:
-        self.v -= amount
-
-    def set(self, value: float, timestamp: float | None = None) -> None:
-        self.v = float(value)
-
-    def get(self) -> float:
-        return self.v
-
-    def set_exemplar(self, exemplar: Any) -> None:  # exemplars are not used
-        pass
-
-    def get_exemplar(self) -> None:
-        return None
+# The counter families: key -> (name without _total, help, label names, label values present at 0).
+COUNTERS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
+    "stage": ("smtp_stage_reached", "SMTP stages reached", ("stage",), STAGES),
+    "reply": (
+        "smtp_replies",
+        "SMTP replies by stage and code",
+        ("stage", "code"),
+        tuple(f"{s} {c}" for s, codes in COMMON_CODES.items() for c in codes),
+    ),
+    "requeue": ("requeues", "Messages put back in the queue", ("reason",), REQUEUE_REASONS),
+    "attempt": ("delivery_attempts", "Delivery attempts by result", ("result",), RESULTS),
+    "recipient": ("recipients", "Recipients by result", ("result",), RESULTS),
+    "bounce": ("bounces", "Bounce messages generated", (), ("",)),
+    "expired": ("messages_expired", "Messages given up after max_lifetime", (), ("",)),
+    "connect": ("connection_attempts", "SMTP connection attempts", ("result",), CONNECT_RESULTS),
+    "scan": ("spool_scans", "Spool scans by trigger", ("trigger",), SCAN_TRIGGERS),
+}
+HISTOGRAMS: dict[str, tuple[str, str, tuple[float, ...]]] = {
+    "delay": ("delivery_delay_seconds", "Enqueue to final 250", DELAY_BUCKETS),
+    "session": ("smtp_session_duration_seconds", "SMTP session, connect to close", SESSION_BUCKETS),
+}
+Snapshot = dict[str, Any]  # plain, JSON-friendly: see Metrics.snapshot
+QueueGauges = Callable[[], tuple[dict[str, int], float]]
 
 
-def _lock_free(sample: Any) -> Any:
-    """A Counter or Gauge (child) whose inc/dec/set go straight to a plain value: the delivery
-    path counts about a dozen events per message."""
-    value = sample._value = _Value(sample._value.get())
-    sample.inc, sample.set = value.inc, value.set
-    if hasattr(sample, "dec"):
-        sample.dec = value.dec
-    return sample
-
-
-def _lock_free_histogram(h: Any) -> None:
-    """``h.observe`` as one bisect and two additions."""
-    h._sum = _Value(h._sum.get())
-    h._buckets = [_Value(b.get()) for b in h._buckets]
-    bounds, buckets, total = list(h._upper_bounds), h._buckets, h._sum
-
-    def observe(amount: float, exemplar: Any = None) -> None:
-        total.v += amount
-        buckets[bisect.bisect_left(bounds, amount)].v += 1  # le: the first bound >= amount
-
-    h.observe = observe
-
-
-def _cache_labels(metric: Any) -> None:
-    """Make ``metric.labels(...)`` a dict lookup after the first call for each label set.
-
-    prometheus_client validates and sorts the labels on every call; the
-    delivery path calls it several times per message.
-    """
-    original = metric.labels
-    cache: dict[tuple[Any, ...], Any] = {}
-
-    def labels(*args: str, **kwargs: str) -> Any:
-        key = args + tuple(kwargs.items())
-        child = cache.get(key)
-        if child is None:
-            child = cache[key] = _lock_free(original(*args, **kwargs))
-        return child
-
-    metric.labels = labels
-
-
-def _preset(metric: Any, label: str, values: Iterable[str]) -> None:
-    for v in values:
-        metric.labels(**{label: v})
+def _no_queue() -> tuple[dict[str, int], float]:
+    return dict.fromkeys(SPOOL_STATES, 0), 0.0
 
 
 class Metrics:
-    """All of greenmail's metrics on one registry."""
+    """All of greenmail's counts, and the registry that exports them."""
 
     def __init__(self, max_connections: int = 0) -> None:
-        disable_created_metrics()  # no *_created series: half the output, queried by nothing
-        r = self.registry = CollectorRegistry()
-        self.exposed: Any = r  # what /metrics serves: with several delivery processes, all of them
-        ProcessCollector(registry=r)
-        GCCollector(registry=r)
-        p = "greenmail_"
-        self.stage_reached = Counter(p + "smtp_stage_reached", "SMTP stages reached", ["stage"], registry=r)
-        self.replies = Counter(
-            p + "smtp_replies", "SMTP replies by stage and code", ["stage", "code"], registry=r
-        )
-        self.requeues = Counter(p + "requeues", "Messages put back in the queue", ["reason"], registry=r)
-        self.attempts = Counter(
-            p + "delivery_attempts", "Delivery attempts by result", ["result"], registry=r
-        )
-        self.recipients = Counter(p + "recipients", "Recipients by result", ["result"], registry=r)
-        self.bounces = Counter(p + "bounces", "Bounce messages generated", registry=r)
-        self.expired = Counter(p + "messages_expired", "Messages given up after max_lifetime", registry=r)
-        self.connects = Counter(p + "connection_attempts", "SMTP connection attempts", ["result"], registry=r)
-        self.active = Gauge(p + "connections_active", "SMTP sessions open now", registry=r)
-        self.max_connections = Gauge(p + "connections_max", "delivery.max_connections", registry=r)
-        self.spool = Gauge(p + "spool_messages", "Messages in the spool by state", ["state"], registry=r)
-        self.oldest = Gauge(
-            p + "spool_oldest_message_timestamp_seconds", "Enqueue time of the oldest message", registry=r
-        )
-        self.scans = Counter(p + "spool_scans", "Spool scans by trigger", ["trigger"], registry=r)
-        self.heartbeat = Gauge(
-            p + "spool_scan_last_success_timestamp_seconds", "Heartbeat of the periodic check", registry=r
-        )
-        self.delay = Histogram(
-            p + "delivery_delay_seconds", "Enqueue to final 250", buckets=DELAY_BUCKETS, registry=r
-        )
-        self.session_duration = Histogram(
-            p + "smtp_session_duration_seconds",
-            "SMTP session, connect to close",
-            buckets=SESSION_BUCKETS,
-            registry=r,
-        )
-        build = Gauge(p + "build_info", "greenmail build", ["version"], registry=r)
-        build.labels(version=__version__).set(1)
-        self.max_connections.set(max_connections)
-        for metric in (self.stage_reached, self.replies, self.requeues, self.attempts, self.recipients,
-                       self.connects, self.spool, self.scans):  # fmt: skip
-            _cache_labels(metric)
-        for metric in (self.bounces, self.expired, self.active, self.max_connections, self.oldest,
-                       self.heartbeat):  # fmt: skip
-            _lock_free(metric)
-        _lock_free_histogram(self.delay)
-        _lock_free_histogram(self.session_duration)
-        self._reply_children: dict[tuple[str, int | None], Any] = {}
-        self._preset()
+        self.counts: dict[str, dict[str, float]] = {
+            key: dict.fromkeys(preset, 0.0) for key, (_, _, _, preset) in COUNTERS.items()
+        }
+        self.histograms: dict[str, list[float]] = {
+            k: [0.0] * (len(b) + 2) for k, (_, _, b) in HISTOGRAMS.items()
+        }
+        self.active = 0  # SMTP sessions open now
+        self.max_connections = max_connections
+        self.heartbeat = 0.0  # time of the last periodic check
+        self.queue_gauges: QueueGauges = _no_queue  # set by the daemon: the queue's counts and oldest
+        self.others: Callable[[], list[Snapshot]] = list  # other delivery processes' snapshots
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.registry.register(_Families(self))
+        self._stage, self._reply = self.counts["stage"], self.counts["reply"]
+        self._reply_keys: dict[tuple[str, int | None], str] = {}
 
-    def _preset(self) -> None:
-        _preset(self.stage_reached, "stage", STAGES)
-        for stage, codes in COMMON_CODES.items():
-            for code in codes:
-                self.replies.labels(stage=stage, code=code)
-        _preset(self.requeues, "reason", REQUEUE_REASONS)
-        _preset(self.attempts, "result", RESULTS)
-        _preset(self.recipients, "result", RESULTS)
-        _preset(self.connects, "result", CONNECT_RESULTS)
-        _preset(self.spool, "state", SPOOL_STATES)
-        _preset(self.scans, "trigger", SCAN_TRIGGERS)
+    # -- counting (called on the delivery path: plain dictionary updates) -----------------
+
+    def count(self, key: str, label: str = "", amount: float = 1.0) -> None:
+        """Add to one counter family's label value (see COUNTERS for the keys)."""
+        values = self.counts[key]
+        values[label] = values.get(label, 0.0) + amount
+
+    def stage(self, stage: str) -> None:
+        self._stage[stage] += 1
 
     def reply(self, stage: str, code: int | None) -> None:
         """Count a reply; ``None`` (or anything not 3 digits) is an unparseable one."""
-        child = self._reply_children.get((stage, code))
-        if child is None:
+        key = self._reply_keys.get((stage, code))
+        if key is None:
             label = str(code) if code is not None and 100 <= code <= 999 else "other"
-            child = self._reply_children[(stage, code)] = self.replies.labels(stage=stage, code=label)
-        child.inc()
+            key = self._reply_keys[(stage, code)] = f"{stage} {label}"
+        self._reply[key] = self._reply.get(key, 0.0) + 1
+
+    def observe(self, key: str, value: float) -> None:
+        """One observation of a histogram ("delay" or "session")."""
+        h = self.histograms[key]
+        h[bisect.bisect_left(HISTOGRAMS[key][2], value)] += 1  # le: the first bound >= value
+        h[-1] += value
+
+    def value(self, key: str, label: str = "") -> float:
+        return self.counts[key].get(label, 0.0)
+
+    # -- snapshots: what a delivery process reports, and their sum -------------------------
+
+    def snapshot(self) -> Snapshot:
+        """This process's counts and gauges as plain data."""
+        queue, oldest = self.queue_gauges()
+        return {
+            "counts": {k: dict(v) for k, v in self.counts.items()},
+            "histograms": {k: list(v) for k, v in self.histograms.items()},
+            "active": self.active,
+            "queue": dict(queue),
+            "oldest": oldest,
+        }
+
+    def total(self) -> Snapshot:
+        """This process's snapshot with every other process's added in."""
+        return combine([self.snapshot(), *self.others()])
 
     def render(self) -> bytes:
-        return generate_latest(self.exposed)
+        return generate_latest(self.registry)
 
 
-class SpoolGauges:
-    """greenmail_spool_messages and the oldest-message timestamp, kept as messages move.
+def combine(snaps: Iterable[Snapshot]) -> Snapshot:
+    """The sum of snapshots: counts, histograms, sessions and queue states added; the earliest oldest."""
+    out: Snapshot = {"counts": {}, "histograms": {}, "active": 0, "queue": {}, "oldest": 0.0}
+    for snap in snaps:
+        for key, values in snap.get("counts", {}).items():
+            mine = out["counts"].setdefault(key, {})
+            for label, v in values.items():
+                mine[label] = mine.get(label, 0.0) + v
+        for key, values in snap.get("histograms", {}).items():
+            mine = out["histograms"].setdefault(key, [0.0] * len(values))
+            out["histograms"][key] = [a + b for a, b in zip(mine, values, strict=True)]
+        out["active"] += snap.get("active", 0)
+        for state, n in snap.get("queue", {}).items():
+            out["queue"][state] = out["queue"].get(state, 0) + n
+        oldest = snap.get("oldest", 0.0)
+        if oldest and (not out["oldest"] or oldest < out["oldest"]):
+            out["oldest"] = oldest
+    return out
 
-    The queue calls one method per event (indexed, claimed, dropped, settled),
-    which only moves counts; the gauges read them when scraped, so they are
-    right the moment a message moves. ``listed`` resyncs the active/failed
-    counts from a directory listing at each periodic check (claims of other
-    daemons, deletions by ``greenmail queue``). Every call is O(log n) at
-    most: the oldest timestamp is a heap with lazy deletion.
-    """
+
+def retired(snap: Snapshot) -> Snapshot:
+    """What stays of an ended process's snapshot in the sums: its counts, not its gauges."""
+    return {"counts": snap.get("counts", {}), "histograms": snap.get("histograms", {})}
+
+
+class _Families(Collector):
+    """The greenmail_* families, made from the counts (and the other processes') at scrape time."""
 
     def __init__(self, metrics: Metrics) -> None:
-        self._n = dict.fromkeys(SPOOL_STATES, 0)
-        self._live: dict[str, float] = {}  # id -> enqueue time, for messages not yet settled
-        self._claimed: dict[str, float] = {}  # the subset claimed by our sessions
-        self._heap: list[tuple[float, str]] = []
+        self.m = metrics
+
+    def collect(self) -> Iterator[Any]:
+        total = self.m.total()
+        yield from _counters(total["counts"])
+        yield from _histograms(total["histograms"])
+        p = "greenmail_"
+        yield GaugeMetricFamily(p + "connections_active", "SMTP sessions open now", value=total["active"])
+        yield GaugeMetricFamily(
+            p + "connections_max", "delivery.max_connections", value=self.m.max_connections
+        )
+        spool = GaugeMetricFamily(p + "spool_messages", "Messages in the queue by state", labels=["state"])
         for state in SPOOL_STATES:
-            metrics.spool.labels(state=state).set_function(lambda state=state: max(0, self._n[state]))
-        metrics.oldest.set_function(self.oldest)
+            spool.add_metric([state], total["queue"].get(state, 0))
+        yield spool
+        yield GaugeMetricFamily(
+            p + "spool_oldest_message_timestamp_seconds",
+            "Enqueue time of the oldest message not yet delivered",
+            value=total["oldest"],
+        )
+        yield GaugeMetricFamily(
+            p + "spool_scan_last_success_timestamp_seconds",
+            "Heartbeat of the periodic check",
+            value=self.m.heartbeat,
+        )
+        build = GaugeMetricFamily(p + "build_info", "greenmail build", labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
 
-    def reindex(self) -> None:
-        """The queue is about to re-index outgoing/ from scratch."""
-        self._n["queued"] = self._n["deferred"] = 0
-        self._live = dict(self._claimed)
-        self._heap = [(t, q) for q, t in self._live.items()]
-        heapq.heapify(self._heap)
 
-    def indexed(self, qid: str, deferred: bool, enqueued: float | None) -> None:
-        """A message waiting in outgoing/ entered the index."""
-        self._n["deferred" if deferred else "queued"] += 1
-        if enqueued and qid not in self._live:
-            self._live[qid] = enqueued
-            heapq.heappush(self._heap, (enqueued, qid))
+def _counters(counts: dict[str, dict[str, float]]) -> Iterator[CounterMetricFamily]:
+    for key, (name, doc, labels, _) in COUNTERS.items():
+        family = CounterMetricFamily("greenmail_" + name, doc, labels=list(labels))
+        for label, value in counts.get(key, {}).items():
+            family.add_metric(label.split(" ") if labels else [], value)
+        yield family
 
-    def claimed(self, qid: str, deferred: bool) -> None:
-        """A session took an indexed message."""
-        self._n["deferred" if deferred else "queued"] -= 1
-        self._n["active"] += 1
-        if qid in self._live:
-            self._claimed[qid] = self._live[qid]
 
-    def dropped(self, qid: str, deferred: bool) -> None:
-        """An indexed message vanished (claimed elsewhere, deleted, corrupt)."""
-        self._n["deferred" if deferred else "queued"] -= 1
-        self._forget(qid)
-
-    def settled(self, qid: str, result: str) -> None:
-        """A claim ended: delivered, failed, or back to outgoing/ (deferred, released)."""
-        self._n["active"] -= 1
-        self._claimed.pop(qid, None)
-        if result == "failed":
-            self._n["failed"] += 1
-        if result in ("delivered", "failed"):
-            self._forget(qid)
-
-    def listed(self, active: int, failed: int) -> None:
-        """Resync from a listing of outgoing_active/ and failed/."""
-        self._n["active"], self._n["failed"] = active, failed
-
-    def oldest(self) -> float:
-        """Enqueue time of the oldest message not yet settled; 0 when there is none."""
-        self._trim()
-        return self._heap[0][0] if self._heap else 0
-
-    def _forget(self, qid: str) -> None:
-        self._live.pop(qid, None)
-        self._claimed.pop(qid, None)
-        self._trim()  # messages mostly leave oldest first: the heap stays small
-
-    def _trim(self) -> None:
-        heap, live = self._heap, self._live
-        while heap and live.get(heap[0][1]) != heap[0][0]:
-            heapq.heappop(heap)
+def _histograms(histograms: dict[str, list[float]]) -> Iterator[HistogramMetricFamily]:
+    for key, (name, doc, bounds) in HISTOGRAMS.items():
+        h = histograms.get(key) or [0.0] * (len(bounds) + 2)
+        cumulative, buckets = 0.0, []
+        for bound, n in zip((*(str(float(b)) for b in bounds), "+Inf"), h[:-1], strict=True):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily("greenmail_" + name, doc, buckets=buckets, sum_value=h[-1])
 
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]

@@ -1,41 +1,31 @@
 """The queue file format and the names files carry in the spool.
 
-Owns: a queue file's envelope lines (line 1 sender, line 2 recipients),
-the file-name grammar ``ID`` / ``ID,ATTEMPTS,NEXT`` (+ ``@OWNER`` while
-claimed), the delivery state kept beside the message (meta/ID.json). What a
-new file starts with (queue ids, envelope lines, the Date:/Message-ID:
-headers enqueue adds) is written by dropoff.py, light for ``greenmail
-enqueue``; it is re-exported here.
+Owns: a queue file's envelope lines (line 1 sender, line 2 recipients), the
+file-name grammar ``ID`` / ``ID,ATTEMPTS,NEXT`` (``@OWNER`` while claimed),
+where ID is one of
+greenmail's own ids (layout.py): any other name in outgoing/ was dropped in
+from outside and is given an id first. The delivery state kept beside the
+message (meta/ID.json) is queue.State.
 Must not touch: directories and renames (spool.py), sockets, gevent.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 
-from greenmail import address, dropoff
-from greenmail.dropoff import HOST as HOST
-from greenmail.dropoff import added_headers as added_headers
-from greenmail.dropoff import envelope_lines as envelope_lines
-from greenmail.dropoff import new_id as new_id
-from greenmail.dropoff import rfc5322_date as rfc5322_date
+from greenmail import address
 from greenmail.errors import AddressError, CorruptQueueFile
+from greenmail.layout import HOST as HOST
+from greenmail.layout import MAX_ENVELOPE
+from greenmail.layout import format_name as format_name
+from greenmail.layout import id_time as id_time
+from greenmail.layout import new_id as new_id
+from greenmail.queue import State as State
 
-MAX_ENVELOPE = 1024 * 1024  # the two envelope lines together
-MAX_HEADER_SCAN = dropoff.HEAD  # how far enqueue looks for Date:/Message-ID:
-
-_NAME = re.compile(r"(?P<id>[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127})(?:,(?P<a>\d{1,9}),(?P<n>\d{1,12}))?")
-
-_OWN_ID = re.compile(r"[0-9A-F]{24}")
-
-
-def id_time(qid: str) -> float | None:
-    """The enqueue time written into one of our own ids; None for others."""
-    return int(qid[:13], 16) / 1e6 if _OWN_ID.fullmatch(qid) else None
+_NAME = re.compile(r"(?P<id>[0-9A-F]{24})(?:,(?P<a>\d{1,9}),(?P<n>\d{1,12}))?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +54,8 @@ def name_id(name: str) -> str:
     return name.partition("@")[0].partition(",")[0]
 
 
-def format_name(qid: str, attempts: int, next_at: int) -> str:
-    return f"{qid},{attempts},{next_at}" if attempts or next_at else qid
-
-
 def parse_name(name: str) -> Entry | None:
-    """The Entry a file name in outgoing/ (or failed/) stands for; None if foreign."""
+    """The Entry a file name in outgoing/ (or failed/, hold/) stands for; None if not one of ours."""
     m = _NAME.fullmatch(name)
     if m is None:
         return None
@@ -105,43 +91,3 @@ def read_envelope(f: BinaryIO) -> Envelope:
     if not f.read(1):
         raise CorruptQueueFile("empty message")
     return Envelope(sender, rcpts, offset)
-
-
-@dataclass
-class State:
-    """Delivery state of one message, kept in meta/ID.json beside it.
-
-    ``recipients`` records the recipients that are settled for good
-    ("delivered" or "failed"); any other recipient is still to be tried.
-    ``bounced`` lists the failed recipients the sender was already told
-    about; ``warned`` is set once a "still trying" notice went out.
-    """
-
-    recipients: dict[str, str] = field(default_factory=dict)
-    last_error: str | None = None
-    errors: dict[str, str] = field(default_factory=dict)
-    bounced: list[str] = field(default_factory=list)
-    warned: bool = False
-
-    def pending(self, envelope: Envelope) -> tuple[str, ...]:
-        return tuple(r for r in envelope.recipients if r not in self.recipients)
-
-    def unreported_failures(self) -> list[str]:
-        return [r for r, s in self.recipients.items() if s == "failed" and r not in self.bounced]
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> State:
-        try:
-            raw = json.loads(data)
-            return cls(
-                dict(raw.get("recipients", {})),
-                raw.get("last_error"),
-                dict(raw.get("errors", {})),
-                list(raw.get("bounced", [])),
-                bool(raw.get("warned", False)),
-            )
-        except (ValueError, AttributeError, TypeError):
-            raise CorruptQueueFile("unreadable delivery state") from None

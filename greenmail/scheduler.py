@@ -1,12 +1,13 @@
 """The periodic check and the wake-ups: when to open SMTP sessions.
 
-Owns: the check every ``check_interval`` (a full scan, the heartbeat, the
-spool gauges, stale tmp/ files), wake-ups within a second of a new file in
-outgoing/ (the directory's mtime is polled), how many sessions to open
+Owns: the check every ``check_interval`` (the queue's full look, expiry,
+the queue's housekeeping, the heartbeat), acting on the queue's wake-ups (new
+mail, a poke from `queue retry`), how many sessions to open
 (min(due, max_connections - active)), and the seed's tries rule: after
 ``connect_tries`` failed connects in one check, open nothing until the next.
 While no connect of this check has succeeded, only one session probes.
-Must not touch: claims (sessions take them from the outbox), sockets.
+Must not touch: claims (sessions take them from the outbox), sockets, the
+queue's storage.
 """
 
 from __future__ import annotations
@@ -22,14 +23,10 @@ from gevent.pool import Pool
 from greenmail.config import Config
 from greenmail.metrics import Metrics
 from greenmail.outbox import Outbox
+from greenmail.queue import DeliveryQueue
 from greenmail.shaping import Throttle
-from greenmail.spool import OUTGOING, Spool
-from greenmail.watch import Inotify
 
 log = logging.getLogger("greenmail.scheduler")
-WAKE_POLL = 0.2  # seconds between looks at outgoing/'s mtime
-FORCED_WAKE = 0.8  # seconds between looks for new names even when the mtime did not change
-FORCED_WAKE_NOTIFIED = 10.0  # the same, while inotify reports the changes
 
 SessionFactory = Callable[[Callable[[bool], None]], Callable[[], None]]
 
@@ -38,14 +35,14 @@ class Scheduler:
     def __init__(
         self,
         config: Config,
-        spool: Spool,
+        queue: DeliveryQueue,
         outbox: Outbox,
         metrics: Metrics,
         new_session: SessionFactory,
         throttle: Throttle | None = None,
     ) -> None:
         self.cfg = config
-        self.spool = spool
+        self.queue = queue
         self.outbox = outbox
         self.metrics = metrics
         self.new_session = new_session
@@ -70,64 +67,41 @@ class Scheduler:
             self._tick.wait(self._sleep_time(interval))
 
     def _sleep_time(self, interval: float) -> float:
-        nxt = self.outbox.next_wakeup()
+        nxt = self.queue.next_due()
         wait = interval if nxt is None else min(interval, max(0.0, nxt - time.time()) + 0.01)
         return max(wait, 0.05)
 
     def check(self) -> None:
-        """One periodic check: full scan, gauges, heartbeat, open sessions."""
-        self.outbox.refresh()
+        """One periodic check: the queue's full look, expiry, sessions, housekeeping, heartbeat."""
+        self.queue.refresh()
+        self.metrics.count("scan", "periodic")
         self.outbox.expire_old()
         self._failures = 0
         self._greeted = False
         self.fill()
-        self.outbox.update_gauges()
-        self.outbox.offload(self.spool.clean_tmp)
-        self.outbox.offload(self.spool.recover)  # claims of daemons that died meanwhile
+        self.queue.maintain()
         self.last_check = time.time()
-        self.metrics.heartbeat.set(self.last_check)
+        self.metrics.heartbeat = self.last_check
 
     def watch(self) -> None:
-        """Wake-ups: a new file in outgoing/ is seen at once (inotify) or within a second.
+        """The queue's wake-ups, for as long as the daemon runs."""
+        self.queue.watch(self._woken, self.poke)
 
-        With inotify the names it reports go straight into the index, and
-        every change of outgoing/'s mtime is explained by an event. A change
-        no event explains (another host on a shared filesystem) means a scan,
-        as does an inotify overflow. Without inotify, the mtime is looked at
-        every WAKE_POLL seconds and new names looked for at least every
-        FORCED_WAKE seconds, since an mtime can stay the same across a change
-        (coarse timestamps, NFS attribute caches, two renames in one tick).
-        """
-        notify = Inotify.open(self.spool.dir(OUTGOING))
-        seen = None
-        last = 0.0
-        events = 0
-        try:
-            while not self.stopping:
-                names = notify.wait(WAKE_POLL) if notify is not None else gevent.sleep(WAKE_POLL)
-                if names:
-                    self.outbox.arrived(names)
-                    self.fill()
-                now = self.spool.outgoing_mtime()
-                if notify is None:
-                    due = now != seen or time.monotonic() - last >= FORCED_WAKE
-                else:  # an mtime change that no event explains, or lost events
-                    due = notify.overflowed or (now != seen and notify.events == events)
-                    due = due or time.monotonic() - last >= FORCED_WAKE_NOTIFIED
-                    events = notify.events
-                    notify.overflowed = False
-                if due:
-                    last = time.monotonic()
-                    self.outbox.wakeup()
-                    self.fill()
-                seen = now
-        finally:
-            if notify is not None:
-                notify.close()
+    def _woken(self) -> None:
+        self.metrics.count("scan", "wakeup")
+        self.fill()
+
+    def poke(self) -> None:
+        """The queue is to be tried now (`queue retry`, `sendmail -q`): failed connects are forgotten."""
+        log.info("asked to try the queue now")
+        self._failures = 0
+        self._greeted = False
+        self.queue.refresh()
+        self.fill()
 
     def stop(self) -> None:
         self.stopping = True
-        self.outbox.stopping = True
+        self.queue.stopping = True
         self._tick.set()
 
     # -- sessions ----------------------------------------------------------------
@@ -137,7 +111,7 @@ class Scheduler:
         if self.stopping or self._failures >= self.cfg.delivery.connect_tries:
             return 0
         free = min(self.pool.free_count(), self.throttle.current - len(self.pool))
-        want = min(self.outbox.due_count() - self._starting, free)
+        want = min(self.queue.due() - self._starting, free)
         if not self._greeted:
             want = min(want, 1 - self._probing)
         for _ in range(max(0, want)):
@@ -192,4 +166,4 @@ class Scheduler:
         """No session is open and nothing more will be opened in this check."""
         if len(self.pool):
             return False
-        return self.outbox.due_count() == 0 or self._failures >= self.cfg.delivery.connect_tries
+        return self.queue.due() == 0 or self._failures >= self.cfg.delivery.connect_tries

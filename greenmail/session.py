@@ -1,33 +1,54 @@
-"""One SMTP session to the relay, run by one greenlet.
+"""One SMTP session to the relay, run by one greenlet: a small I/O loop over the client protocol.
 
 Owns: taking due messages from the outbox one after another on one
-connection (opened, secured and authenticated by connection.py), each as a
-transaction (pipelined when the relay offers PIPELINING; the body dot-stuffed
-after DATA, or in BDAT chunks with CHUNKING), recording each recipient's
-result, QUIT when nothing is due. One try/except per message guarantees each
-claim ends delivered, requeued or failed exactly once, whatever happens.
-Must not touch: directory paths and renames (the outbox does), the schedule.
+connection (opened, secured and authenticated by connection.py); for each,
+its transactions: sending what the protocol (protocol.py) allows now, in one
+write (with PIPELINING: MAIL, the RCPTs and DATA together, and the next
+message's behind the end of this one), reading the replies it expects, the
+body dot-stuffed after DATA or in BDAT chunks with CHUNKING, and the
+per-recipient results reported to the outbox; QUIT when nothing is due. One
+try/except per message guarantees each claim ends delivered, requeued or
+failed exactly once, whatever happens.
+Must not touch: delivery state and where a message lives (the outbox and the
+queue decide), the schedule.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
 
 from gevent import GreenletExit
 
 from greenmail import esmtp, wire
 from greenmail.connection import Connection, Transport
-from greenmail.errors import ProtocolError, SmtpError
-from greenmail.outbox import Outbox
-from greenmail.protocol import Rcpt, Stage, Transaction
+from greenmail.errors import SmtpError
+from greenmail.outbox import Attempt, Outbox
+from greenmail.protocol import Cmd, Phase, Rcpt, Transaction
+from greenmail.queue import Claim
 from greenmail.shaping import RateLimiter
-from greenmail.spool import Claim
 
 log = logging.getLogger("greenmail.session")
 CHUNK = 64 * 1024
 STATUS = {Rcpt.DELIVERED: "sent", Rcpt.DEFERRED: "deferred", Rcpt.FAILED: "bounced"}
+
+
+def _read_here(f: BinaryIO, size: int) -> bytes:
+    return f.read(size)
+
+
+@dataclass(eq=False)
+class Taken:
+    """A message this session took: its transaction under way (maybe sent ahead) and the results so far."""
+
+    claim: Claim
+    txn: Transaction | None = None
+    attempt: Attempt = field(default_factory=Attempt)
 
 
 class Session:
@@ -39,26 +60,29 @@ class Session:
         outbox: Outbox,
         on_greeted: Callable[[bool], None] = lambda ok: None,
         limiter: RateLimiter | None = None,
+        offload: Callable[..., Any] | None = None,
     ) -> None:
         self.tp = transport
-        self.t = transport.timeouts
         self.outbox = outbox
         self.metrics = transport.metrics
         self.on_greeted = on_greeted
         self.limiter = limiter
+        self.offload = offload
         self.conn = Connection(transport)
-        self._mid_message = False  # the final dot is sent, its reply not yet read
         self._sent = 0  # messages delivered on this connection
-        self._next: Claim | None = None  # claimed while the previous message was ending
-        self._ahead: Transaction | None = None  # _next's transaction, its commands already sent
+        self._inflight: deque[Taken] = deque()  # taken, in order; the head is being delivered
 
     @property
     def relay(self) -> str:
         return self.conn.relay
 
+    @property
+    def client(self) -> Any:
+        return self.conn.client
+
     def run(self) -> None:
         started = time.monotonic()
-        self.metrics.active.inc()
+        self.metrics.active += 1
         try:
             try:
                 self.conn.open()
@@ -69,119 +93,162 @@ class Session:
             self._deliver_all()
         finally:
             self.conn.close()
-            self.metrics.active.dec()
-            self.metrics.session_duration.observe(time.monotonic() - started)
+            self.metrics.active -= 1
+            self.metrics.observe("session", time.monotonic() - started)
 
     # -- messages ----------------------------------------------------------------
 
     def _deliver_all(self) -> None:
         claim = self.outbox.take()
         self.on_greeted(True)  # after the first take: the scheduler counts due messages
+        if claim is not None:
+            self._inflight.append(Taken(claim))
         cap = self.tp.relay.max_messages_per_connection
+        reason = "connection"
         try:
-            while claim is not None:
-                if not self._deliver(claim):
+            while self._inflight:
+                fit = self._deliver(self._inflight[0])
+                self._inflight.popleft()
+                if not fit:
                     return
                 self._sent += 1
                 if cap and self._sent >= cap:
                     break
-                claim, self._next = self._next or self.outbox.take(), None
+                if not self._inflight and (nxt := self.outbox.take()) is not None:
+                    self._inflight.append(Taken(nxt))
             self.conn.quit()
-        except BaseException as e:
-            if self._next is not None:  # claimed ahead, its commands perhaps sent, no reply read
-                self._put_back(self._next, "shutdown" if isinstance(e, GreenletExit) else "connection")
+        except GreenletExit:
+            reason = "shutdown"
             raise
         finally:
-            if self._next is not None:
-                self._put_back(self._next, "connection")
+            for taken in self._inflight:  # taken, perhaps sent ahead, no reply read: never attempted
+                if not taken.claim.settled:
+                    self.outbox.release(taken.claim, reason)
+            self._inflight.clear()
 
-    def _put_back(self, claim: Claim, reason: str) -> None:
-        """Return the message claimed ahead: never attempted, so due again at once."""
-        self._next = self._ahead = None
-        self.outbox.release(claim, reason, attempt=False)
-
-    def _deliver(self, claim: Claim) -> bool:
+    def _deliver(self, taken: Taken) -> bool:
         """One message; True when the connection is fit for the next one."""
+        claim = taken.claim
         try:
-            if not claim.state.pending(claim.envelope):  # settled before a crash: nothing to send
-                self.outbox.finish(claim, "temporary")
+            if not claim.pending():  # settled before a crash: nothing to send
+                self.outbox.finish(claim)
                 return True
             try:
-                txn = self._transactions(claim)
+                self._attempt(taken)
             except SmtpError as e:
-                self._connection_failed(claim, e)
+                self._connection_failed(taken, e)
                 return False
-            self.outbox.finish(claim, "temporary")
+            self.outbox.finish(claim, taken.attempt)
         except BaseException as e:
-            if self._mid_message:
-                log.warning("%s: stopped while waiting for the final reply: may be delivered twice", claim.id)
-            if not claim.settled:
-                reason = "shutdown" if isinstance(e, GreenletExit) else "connection"
-                if reason != "shutdown":
-                    log.error("%s: internal error, requeued: %r", claim.id, e)
-                self.outbox.release(claim, reason)
+            self._interrupted(taken, e)
             raise
+        txn = taken.txn
+        assert txn is not None
         if self.conn.closing is not None:
             return False  # after a 421 the connection is over: no RSET, no QUIT
-        if txn.count(Rcpt.DELIVERED) == len(txn.recipients) or not txn.opened or self._ahead is not None:
-            return True  # (after the final dot the transaction is over: the next MAIL is already sent)
+        if txn.count(Rcpt.DELIVERED) == len(txn.recipients) or not txn.opened or len(self._inflight) > 1:
+            return True  # (after the final dot the transaction is over: the next MAIL may be sent already)
         return self._rset()
 
-    def _transactions(self, claim: Claim) -> Transaction:
-        """As many transactions as the relay's 452 "too many recipients" asks for."""
-        while True:
-            txn = self._transaction(claim)
-            if not (txn.overflow and txn.count(Rcpt.DELIVERED)) or self.conn.closing is not None:
-                return txn
+    def _interrupted(self, taken: Taken, e: BaseException) -> None:
+        """A kill or a bug in the middle of a message: its claim still ends exactly once."""
+        claim, txn = taken.claim, taken.txn
+        if txn is not None and txn.final_sent and txn.final is None:
+            log.warning("%s: stopped while waiting for the final reply: may be delivered twice", claim.id)
+        if claim.settled:
+            return
+        if isinstance(e, GreenletExit) and not taken.attempt.results:
+            self.outbox.release(claim, "shutdown")
+            return
+        if not isinstance(e, GreenletExit):
+            log.error("%s: internal error, requeued: %r", claim.id, e)
+            taken.attempt.error = f"internal error: {e!r}"
+        taken.attempt.reason = "shutdown" if isinstance(e, GreenletExit) else "connection"
+        self.outbox.finish(claim, taken.attempt)  # what the relay accepted so far is never sent again
 
-    def _transaction(self, claim: Claim) -> Transaction:
-        if self._ahead is not None:  # this is _next: its commands went with the last dot
-            txn, self._ahead = self._ahead, None
-            self._pipelined_replies(claim, txn)
-        else:
-            txn, mail = self._begin(claim)
-            if mail is not None:
-                if self.limiter is not None:
-                    self.limiter.wait()
-                if self._pipelining():
-                    self.conn.send_commands(self._group(txn, mail))
-                    self._pipelined_replies(claim, txn)
-                else:
-                    self._one_by_one(claim, txn, mail)
-        self._apply(claim, txn)
+    def _attempt(self, taken: Taken) -> None:
+        """As many transactions as the relay's 452 "too many recipients" asks for; their results."""
+        claim, attempt = taken.claim, taken.attempt
+        while True:
+            if taken.txn is None:
+                taken.txn = self._begin(claim, [r for r in claim.pending() if r not in attempt.results])
+            txn = taken.txn
+            self._run(claim, txn)
+            self._record(claim, txn, attempt)
+            if not (txn.overflow and txn.count(Rcpt.DELIVERED)) or self.conn.closing is not None:
+                return
+            taken.txn = None
+
+    def _begin(self, claim: Claim, recipients: list[str]) -> Transaction:
+        """A claim's next transaction, with its commands planned (none: nothing to send)."""
+        ext = self.conn.extensions
+        txn = Transaction(tuple(recipients))
+        utf8 = esmtp.precheck(txn, ext, claim.size, claim.sender)
+        if txn.to_send:
+            params = esmtp.mail_params(ext, claim.size, "8BITMIME" in ext and claim.eight_bit, utf8)
+            txn.plan(wire.command("MAIL", f"FROM:<{claim.sender}>{params}"), data=not self._chunking())
         return txn
 
-    def _begin(self, claim: Claim) -> tuple[Transaction, bytes | None]:
-        """A claim's next transaction, and its MAIL command (None: nothing to send)."""
-        env = claim.envelope
-        ext = self.conn.extensions
-        txn = Transaction(claim.state.pending(env))
-        utf8 = esmtp.precheck(txn, ext, claim.size, env.sender)
-        if not txn.to_send:
-            return txn, None
-        eight_bit = "8BITMIME" in ext and (
-            claim.eight_bit if claim.eight_bit is not None else esmtp.is_8bit(claim.path, env.body_offset)
-        )
-        params = esmtp.mail_params(ext, claim.size, eight_bit, utf8)
-        txn.opened = True
-        return txn, wire.command("MAIL", f"FROM:<{env.sender}>{params}")
-
     def _pipelining(self) -> bool:
-        return self.tp.relay.pipelining and "PIPELINING" in self.conn.extensions
+        return self.client.pipelining
 
-    def _group(self, txn: Transaction, mail: bytes) -> list[tuple[bytes, Stage]]:
-        """RFC 2920: MAIL, every RCPT (and DATA) in one write; replies matched in order."""
-        lines = [(mail, Stage.MAIL)] + [(wire.rcpt_to(r), Stage.RCPT) for r in txn.to_send]
-        if not self._chunking():
-            lines.append((b"DATA\r\n", Stage.DATA))
-        return lines
+    def _chunking(self) -> bool:
+        return self.tp.relay.chunking and "CHUNKING" in self.conn.extensions
 
-    def _next_group(self, txn: Transaction) -> bytes:
+    def _run(self, claim: Claim, txn: Transaction) -> None:
+        """The transaction's commands and replies; then its message, and the final reply."""
+        if txn.planned and self.limiter is not None:
+            self.limiter.wait()
+        self._exchange(txn)
+        if self.conn.closing is not None:
+            return
+        if txn.data_ok:
+            self._dot_body(claim, txn)
+        elif self._chunking() and txn.mail_ok and txn.wants_data and txn.opened:
+            self._bdat(claim, txn)
+        elif self.client.phase is Phase.BODY:  # DATA accepted with no recipient: end the empty message
+            self.conn.send(self.conn.push(Cmd.END, b".\r\n", txn), "message", self.tp.timeouts.data_block)
+            self._exchange(txn)
+            return
+        else:
+            return
+        self._exchange(txn)
+
+    def _exchange(self, txn: Transaction) -> None:
+        """Send what the protocol allows of ``txn``'s commands; read until none of its replies is due."""
+        while True:
+            out, label = b"", ""
+            while (p := self._next_command(txn)) is not None:
+                txn.planned.popleft()
+                out += self.conn.push(p.cmd, p.line, txn, p.rcpt)
+                label = label or p.cmd.value
+            if out:
+                self.conn.send(out, label)
+            if not self.client.awaiting(txn):
+                return
+            expect, reply = self.conn.read()
+            if expect.txn is not None:
+                expect.txn.on_reply(expect, reply)
+            if self.conn.closing is not None:  # 421: what is unsettled is deferred; nothing more is read
+                txn.defer_rest(self.conn.closing)
+                return
+
+    def _next_command(self, txn: Transaction) -> Any:
+        """The transaction's next planned command if it may go now (no DATA once every RCPT was refused)."""
+        if not txn.planned:
+            return None
+        p = txn.planned[0]
+        if p.cmd is Cmd.DATA and not self.client.awaiting(txn) and not txn.wants_data:
+            txn.planned.clear()  # every recipient refused: no DATA
+            return None
+        return p if self.client.can_send(p.cmd) else None
+
+    def _ahead(self, txn: Transaction) -> bytes:
         """The next message's commands, to go in the same write as this message's end (RFC 2920 3.1).
 
         Only when nothing has to happen in between: pipelining, no recipient
         of this message left for another transaction (452), no rate limit,
-        the per-connection cap not reached. The claim is kept in ``_next``.
+        the per-connection cap not reached.
         """
         cap = self.tp.relay.max_messages_per_connection
         if (
@@ -189,150 +256,102 @@ class Session:
             or not self._pipelining()
             or (self.limiter is not None and self.limiter.rate)
             or (cap and self._sent + 1 >= cap)
+            or len(self._inflight) > 1
         ):
             return b""
-        claim = self._next = self.outbox.take()
+        claim = self.outbox.take()
         if claim is None:
             return b""
-        nxt, mail = self._begin(claim)
-        if mail is None:
-            return b""  # nothing to send for it: settled as usual when its turn comes
-        self._ahead = nxt
-        return self.conn.encode_commands(self._group(nxt, mail))
+        nxt = self._begin(claim, list(claim.pending()))
+        nxt.ahead = True
+        self._inflight.append(Taken(claim, nxt))
+        out = b""
+        while nxt.planned and self.client.can_send(nxt.planned[0].cmd):
+            p = nxt.planned.popleft()
+            out += self.conn.push(p.cmd, p.line, nxt, p.rcpt)
+        return out
 
-    def _chunking(self) -> bool:
-        return self.tp.relay.chunking and "CHUNKING" in self.conn.extensions
-
-    def _one_by_one(self, claim: Claim, txn: Transaction, mail: bytes) -> None:
-        if not txn.on_mail(self.conn.command(mail, Stage.MAIL, self.t.command)):
-            return
-        for rcpt in txn.to_send:
-            if txn.overflow:  # the relay said 452: the rest go in the next transaction
-                txn.overflow.append(rcpt)
-            else:
-                txn.on_rcpt(rcpt, self.conn.command(wire.rcpt_to(rcpt), Stage.RCPT, self.t.command))
-                if self._closing(txn):
-                    return
-        if not txn.wants_data:
-            return
-        if self._chunking():
-            self._bdat(claim, txn)
-        elif txn.on_data(self.conn.command(b"DATA\r\n", Stage.DATA, self.t.data_init)):
-            self._dot_body(claim, txn)
-
-    def _pipelined_replies(self, claim: Claim, txn: Transaction) -> None:
-        """The replies to a pipelined group, in order; then the message."""
-        rcpts = txn.to_send
-        chunking = self._chunking()
-        mail_ok = txn.on_mail(self.conn.read(Stage.MAIL, self.t.command))
-        if self._closing(txn):
-            return
-        for rcpt in rcpts:
-            reply = self.conn.read(Stage.RCPT, self.t.command)
-            if mail_ok:
-                txn.on_rcpt(rcpt, reply)
-            if self._closing(txn):
-                return
-        if chunking:
-            if mail_ok and txn.wants_data:
-                self._bdat(claim, txn)
-            return
-        reply = self.conn.read(Stage.DATA, self.t.data_init)
-        if mail_ok and txn.wants_data:
-            if txn.on_data(reply):
-                self._dot_body(claim, txn)
-        elif reply.cls == 3:  # DATA accepted with no recipient: end the empty message at once
-            self.conn.send(b".\r\n", "message", self.t.data_block)
-            self.conn.read(None, self.t.data_end)
-
-    def _closing(self, txn: Transaction) -> bool:
-        """After a 421 nothing more is read or sent: what is unsettled is deferred."""
-        if self.conn.closing is None:
-            return False
-        txn.defer_rest(self.conn.closing)
-        return True
+    def _open_body(self, claim: Claim) -> tuple[BinaryIO, Callable[[BinaryIO, int], bytes]]:
+        """The message, and how to read it: off the hub unless it is in memory."""
+        f = claim.open_body() if self.offload is None else self.offload(claim.open_body)
+        if self.offload is None or isinstance(f, io.BytesIO):
+            return f, _read_here
+        return f, lambda fh, size: self.offload(fh.read, (size,))
 
     def _dot_body(self, claim: Claim, txn: Transaction) -> None:
-        self.metrics.stage_reached.labels(stage="message").inc()
-        if self.conn.parser.pending:
-            raise ProtocolError("the relay sent a reply ahead of the message", "message")
+        self.metrics.stage("message")
+        self.client.body()
         stuffer = wire.DotStuffer()
-        with claim.open_body() as f:
-            chunk = f.read(CHUNK)
+        t = self.tp.timeouts.data_block
+        f, read = self._open_body(claim)
+        with f:
+            chunk = read(f, CHUNK)
             while True:
-                nxt = f.read(CHUNK) if chunk else b""
+                nxt = read(f, CHUNK) if chunk else b""
                 out = stuffer.feed(chunk)
                 if not nxt:  # the last chunk goes with the final dot (and the next MAIL), in one write
-                    out += stuffer.finish() + self._next_group(txn)
-                self.conn.send(out, "message", self.t.data_block)
+                    out += self.conn.push(Cmd.END, stuffer.finish(), txn)
+                    txn.final_sent = True
+                    out += self._ahead(txn)
+                self.conn.send(out, "message", t)
                 if not nxt:
                     break
                 chunk = nxt
-        self._final_reply(txn)
 
     def _bdat(self, claim: Claim, txn: Transaction) -> None:
         """RFC 3030 CHUNKING: the body in BDAT chunks, line endings normalised, no dot-stuffing."""
-        self.metrics.stage_reached.labels(stage="data").inc()
-        self.metrics.stage_reached.labels(stage="message").inc()
+        self.metrics.stage("data")
+        self.metrics.stage("message")
         norm = wire.LineNormaliser()
-        with claim.open_body() as f:
-            raw = f.read(CHUNK)
+        t = self.tp.timeouts.data_block
+        f, read = self._open_body(claim)
+        with f:
+            raw = read(f, CHUNK)
             while True:
-                nxt = f.read(CHUNK) if raw else b""
+                nxt = read(f, CHUNK) if raw else b""
                 data = norm.feed(raw)
                 if not nxt:  # the last chunk: BDAT ... LAST (a small message: the only one)
                     break
                 if data:
-                    head = f"BDAT {len(data)}\r\n".encode()
-                    self.conn.send_commands([(head + data, Stage.DATA)], count=False)
-                    reply = self.conn.read(Stage.DATA, self.t.data_block)
-                    if reply.cls != 2:
-                        txn.on_message(reply)  # the relay refused the message part-way
-                        return
+                    chunk = self.conn.push(Cmd.BDAT, f"BDAT {len(data)}\r\n".encode() + data, txn)
+                    self.conn.send(chunk, "data", t)
+                    self._exchange(txn)
+                    if txn.final is not None or self.conn.closing is not None:
+                        return  # the relay refused the message part-way
                 raw = nxt
             data += norm.finish()
-            last = f"BDAT {len(data)} LAST\r\n".encode() + data
-            self.conn.send_commands([(last + self._next_group(txn), Stage.DATA)], count=False)
-        self._final_reply(txn)
+            last = self.conn.push(Cmd.BDAT_LAST, f"BDAT {len(data)} LAST\r\n".encode() + data, txn)
+            txn.final_sent = True
+            self.conn.send(last + self._ahead(txn), "data", t)
 
-    def _final_reply(self, txn: Transaction) -> None:
-        self._mid_message = True
-        txn.on_message(self.conn.read(Stage.MESSAGE, self.t.data_end))
-        self._mid_message = False
-
-    def _apply(self, claim: Claim, txn: Transaction) -> None:
-        """Record a transaction's per-recipient results in the claim's state."""
-        state = claim.state
+    def _record(self, claim: Claim, txn: Transaction, attempt: Attempt) -> None:
+        """A transaction's per-recipient results into the attempt (and the delivery log lines)."""
         for rcpt, result in txn.results.items():
-            reply = txn.replies[rcpt]
-            if result is Rcpt.DELIVERED:
-                state.recipients[rcpt] = "delivered"
-            else:
-                state.errors[rcpt] = str(reply)
-                if result is Rcpt.FAILED:
-                    state.recipients[rcpt] = "failed"
-            self.metrics.recipients.labels(result=result.value).inc()
+            attempt.results[rcpt] = (result.value, str(txn.replies[rcpt]))
         if txn.error is not None:
-            state.last_error = str(txn.error)
-        if txn.count(Rcpt.DELIVERED):
-            self.metrics.delay.observe(max(0.0, time.time() - claim.queued_at))
+            attempt.error = str(txn.error)
         self._log(claim, txn)
 
-    def _connection_failed(self, claim: Claim, e: SmtpError) -> None:
-        if self._mid_message:
+    def _connection_failed(self, taken: Taken, e: SmtpError) -> None:
+        """The connection failed during this message: requeued with backoff (untouched if sent ahead)."""
+        claim, txn = taken.claim, taken.txn
+        if txn is not None and txn.ahead and not txn.answered:
+            self.outbox.release(claim, e.reason)  # its commands went behind the last message's end: not tried
+            return
+        if txn is not None and txn.final_sent and txn.final is None:
             log.warning("%s: connection lost after the final dot: may be delivered twice", claim.id)
-        claim.state.last_error = f"{e} (stage {e.stage})"
-        for rcpt in claim.state.pending(claim.envelope):
-            claim.state.errors[rcpt] = claim.state.last_error
-            self.metrics.recipients.labels(result="deferred").inc()
-        self.outbox.finish(claim, e.reason)
-        for rcpt in claim.state.pending(claim.envelope):
-            self._log_rcpt(claim, rcpt, "deferred", "4.4.2", claim.state.last_error)
+        error = f"{e} (stage {e.stage})"
+        pending = [r for r in claim.pending() if r not in taken.attempt.results]
+        taken.attempt.results.update((r, ("deferred", error)) for r in pending)
+        taken.attempt.error, taken.attempt.reason = error, e.reason
+        self.outbox.finish(claim, taken.attempt)
+        for rcpt in pending:
+            self._log_rcpt(claim, rcpt, "deferred", "4.4.2", error)
 
     def _rset(self) -> bool:
         try:
-            self.conn.send_commands([(b"RSET\r\n", Stage.MAIL)], count=False)
-            reply = self.conn.read(None, self.t.command)  # not a stage: neither reached nor its reply counted
+            self.conn.send(self.conn.push(Cmd.RSET, b"RSET\r\n"), "mail")
+            _, reply = self.conn.read()  # not a stage: neither reached nor its reply counted
         except SmtpError as e:
             log.info("RSET to %s failed: %s", self.relay, e)
             return False
@@ -348,7 +367,7 @@ class Session:
     def _log_rcpt(self, claim: Claim, rcpt: str, status: str, dsn: str, reply: str) -> None:
         """The Postfix-style line for one recipient of one attempt (fields also for --log-format json)."""
         delay = round(time.time() - claim.queued_at, 2)
-        attempts = claim.entry.attempts + 1
+        attempts = claim.attempts + 1
         line = (
             f"{claim.id}: to=<{rcpt}>, relay={self.relay}, delay={delay:.2f}, attempts={attempts}, "
             f"dsn={dsn}, status={status} ({reply})"

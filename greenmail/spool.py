@@ -1,12 +1,15 @@
-"""The maildir-style spool: its directories and every rename in it.
+"""The maildir-style spool: its directories and every rename in it, for delivery.
 
-Owns: enqueue (O_EXCL create in tmp/, write, fsync, rename into outgoing/,
-fsync the directory: dropoff.py, light for ``greenmail enqueue``, does the
-writing), scan, claim (rename into outgoing_active/; losing the race
-returns None), done, requeue, fail, quarantine, recovery of claims left
-by dead daemons, and the owner lock that tells live daemons from dead ones.
-Everything here is plain blocking file I/O: the daemon calls it through the
-hub's threadpool.
+Owns: scanning outgoing/ (a name dropped in from outside is given an id of
+greenmail's own first), claiming (rename into outgoing_active/; losing the
+race returns None), reading a claim, the delivery state files (meta/ID.json,
+written before the rename that depends on them), requeue, fail, retiring
+delivered messages and purging them in batches, quarantine of unreadable
+files, the owner locks and the recovery of claims no live daemon owns,
+removal of stale temporaries. The operator's side (listing, hold, retry,
+delete) is spooladmin.py; writing new messages is dropoff.py. No rename here
+ever replaces a file (layout.rename_new). Everything is plain blocking file
+I/O: the daemon calls it through the hub's threadpool (spoolqueue.py).
 Must not touch: gevent, SMTP codes, metrics, configuration files.
 """
 
@@ -23,62 +26,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from greenmail import dropoff, owners
-from greenmail.dropoff import ACTIVE, CORRUPT, FAILED, META, OUTGOING, OWNERS, TMP, fsync_dir
-from greenmail.dropoff import DIRS as DIRS
-from greenmail.dropoff import HOLD as HOLD
+from greenmail import dropoff, layout, owners, spooladmin
 from greenmail.errors import CorruptQueueFile
-from greenmail.queuefile import (
-    HOST,
-    Entry,
-    Envelope,
-    State,
-    format_name,
-    id_time,
-    new_id,
-    parse_name,
-    read_envelope,
-)
+from greenmail.layout import ACTIVE, CORRUPT, FAILED, HOLD, META, OUTGOING, OWNERS, TMP, fsync_dir, rename_new
+from greenmail.layout import DIRS as DIRS
+from greenmail.queue import Claim, Message, MessageInfo, State
+from greenmail.queuefile import HOST, Entry, Envelope, id_time, new_id, parse_name, read_envelope
 
 log = logging.getLogger("greenmail.spool")
 
 SMALL_BODY = 32 * 1024  # messages up to this size are read once, with the envelope
 STALE_TMP = 86400
 DONE_PREFIX = ".done."  # tmp/.done.*: retired messages waiting to be unlinked
+WAKE = ".wake"  # outgoing/.wake: written by `queue retry` and `sendmail -q` to wake running daemons
 RM = next((p for p in ("/bin/rm", "/usr/bin/rm") if os.access(p, os.X_OK)), None)
 RM_BATCH = 16  # fewer than this are unlinked here: a process start costs more
 RM_SLICE = 2000
 RM_TIMEOUT = 60.0
+ADOPT_SCAN = 64 * 1024
 
 
-@dataclass
-class Claim:
-    """A message this process has renamed into outgoing_active/ and must settle."""
+@dataclass(eq=False, kw_only=True)
+class SpoolClaim(Claim):
+    """A claim on the spool: the file renamed into outgoing_active/ by this process."""
 
     entry: Entry
     path: str  # outgoing_active/NAME@OWNER (a str: made for every message)
-    envelope: Envelope
-    state: State
-    size: int  # message bytes, without the envelope lines
-    queued_at: float
-    settled: bool = False  # done, requeued or failed: nothing more may happen to it
+    body_offset: int
     body: bytes | None = None  # a small message, read with the envelope (no second open)
     has_meta: bool = False  # a state file exists in meta/
-
-    @property
-    def id(self) -> str:
-        return self.entry.id
-
-    @property
-    def eight_bit(self) -> bool | None:
-        """Whether the message has non-ASCII bytes; None when not read yet (big message)."""
-        return None if self.body is None else not self.body.isascii()
 
     def open_body(self) -> BinaryIO:
         if self.body is not None:
             return io.BytesIO(self.body)
-        f = open(self.path, "rb")  # noqa: SIM115 - the session closes it
-        f.seek(self.envelope.body_offset)
+        f = open(self.path, "rb")  # noqa: SIM115 - the caller closes it
+        f.seek(self.body_offset)
         return f
 
 
@@ -91,76 +73,101 @@ class Spool:
         self._outgoing, self._active, self._meta, self._tmp = (
             str(self.path / d) for d in (OUTGOING, ACTIVE, META, TMP)
         )
-        self._lock_fd: int | None = None
+        self._lock: owners.Lock | None = None
+        self._liveness = owners.Liveness(self.path, self.dir(OWNERS))
 
     def dir(self, name: str) -> Path:
         return self.path / name
 
     def ensure(self) -> None:
-        """Create the spool directories (mode 0700) where missing."""
-        dropoff.ensure(str(self.path))
+        """Create the spool directories (mode 0700) where missing; SpoolError if that cannot be done."""
+        layout.ensure(str(self.path))
 
-    # -- enqueue ---------------------------------------------------------------
+    # -- enqueue (dropoff.py writes) ---------------------------------------------
 
-    def enqueue(self, sender: str, recipients: list[str] | tuple[str, ...], message: bytes | BinaryIO) -> str:
+    def enqueue(self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO) -> str:
         """Write one message durably into outgoing/ and return its queue id."""
         return self.enqueue_many([(sender, recipients, message)])[0]
 
-    def enqueue_many(self, messages: Iterable[tuple[str, Sequence[str], bytes | BinaryIO]]) -> list[str]:
-        """Write messages durably into outgoing/, all or none; their queue ids in order.
-
-        Each is written and fsync'd in tmp/ (several fsyncs at once: the
-        filesystem commits them together), then all are renamed into
-        outgoing/ and the directory is fsync'd once. A crash before that
-        leaves nothing in outgoing/; an error leaves nothing anywhere.
-        """
+    def enqueue_many(self, messages: Iterable[Message]) -> list[str]:
+        """Write messages durably into outgoing/, all or none; their queue ids in order."""
         return dropoff.enqueue_many(str(self.path), messages)
+
+    def incoming(self, sender: str, recipients: Sequence[str], trace: object = None) -> dropoff.Incoming:
+        """A message to be written chunk by chunk (the SMTP listener)."""
+        return dropoff.Incoming(str(self.path), sender, recipients, trace)  # type: ignore[arg-type]
 
     # -- the delivery side -----------------------------------------------------
 
     def scan(self, skip: frozenset[str] = frozenset()) -> list[Entry]:
         """Every message waiting in outgoing/ whose name is not in ``skip``.
 
-        Names only: no file is opened. A file whose name is not a queue id
-        (dropped in by another program) is renamed to a fresh id first;
+        Names only: no file of ours is opened. A file whose name is not one of
+        ours (dropped in by another program) is renamed to a fresh id first;
         dot-files are left alone (writers may use them as temporaries).
         """
         out = []
-        for name in sorted(os.listdir(self.dir(OUTGOING))):  # ids sort by enqueue time
+        for name in sorted(os.listdir(self._outgoing)):  # ids sort by enqueue time
             if name in skip or name.startswith("."):
                 continue
-            entry = parse_name(name) or self._adopt(name)
+            entry = parse_name(name) or self.adopt(name)
             if entry is not None:
                 out.append(entry)
         return out
 
-    def _adopt(self, name: str) -> Entry | None:
-        qid = new_id()
+    def adopt(self, name: str) -> Entry | None:
+        """Give a file dropped into outgoing/ under a name of its own a fresh id, or quarantine it.
+
+        The file is read once here (in the threadpool): an invalid one goes
+        to corrupt/ under the name it came with; a valid one gets an id and
+        its file name records whether it is 8-bit.
+        """
+        src = f"{self._outgoing}/{name}"
         try:
-            os.rename(self.dir(OUTGOING) / name, self.dir(OUTGOING) / qid)
+            why = _invalid(src)
+            if why is not None:
+                self.quarantine(src, Entry(name, name), why)
+                log.error("file %r dropped into outgoing/ moved to corrupt/: %s", name, why)
+                return None
+            qid = new_id()
+            os.chmod(src, layout.mode(_has_8bit(src)))
+            rename_new(src, f"{self._outgoing}/{qid}")
         except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.error("cannot take in the file %r dropped into outgoing/: %s", name, e)
             return None
         log.info("%s: adopted file %r dropped into outgoing/", qid, name)
         return Entry(qid, qid)
 
-    def claim(self, entry: Entry) -> Claim | None:
+    def claim(self, entry: Entry) -> SpoolClaim | None:
         """Take a message for delivery; None when someone else took it first.
 
         Raises CorruptQueueFile after moving an unreadable file to corrupt/.
         """
         path = f"{self._active}/{entry.name}@{self.owner}"  # strings: this runs per message
         try:
-            os.rename(f"{self._outgoing}/{entry.name}", path)
+            rename_new(f"{self._outgoing}/{entry.name}", path)
         except FileNotFoundError:
             return None
         try:
             return self._open_claim(entry, path)
         except CorruptQueueFile as e:
-            os.rename(path, self.dir(CORRUPT) / entry.name)
-            self.write_state(entry.id, State(last_error=f"corrupt: {e}"))
+            self.quarantine(path, entry, str(e))
             raise CorruptQueueFile(f"{entry.id}: moved to corrupt/: {e}") from None
 
-    def _open_claim(self, entry: Entry, path: str) -> Claim:
+    def quarantine(self, path: str, entry: Entry, why: str) -> None:
+        """Move an unusable file to corrupt/ (under a free name), its reason in its state."""
+        target = self.dir(CORRUPT) / entry.name
+        for _ in range(10):
+            try:
+                rename_new(path, target)
+                break
+            except FileExistsError:
+                target = self.dir(CORRUPT) / f"{entry.name}.{os.urandom(3).hex()}"
+        self.write_state(entry.id, State(last_error=f"corrupt: {why}"))
+
+    def _open_claim(self, entry: Entry, path: str) -> SpoolClaim:
         try:  # O_NONBLOCK: a FIFO must not hang us; O_NOFOLLOW: no symlinks
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as e:
@@ -185,7 +192,8 @@ class Spool:
         # always looked up: a crash between a state write and its rename leaves a fresh name with state
         state, has_meta = self._load_state(entry.id)
         queued_at = min(id_time(entry.id) or st.st_mtime, st.st_mtime)  # our ids carry the enqueue time
-        return Claim(entry, path, env, state, size, queued_at, body=body, has_meta=has_meta)
+        eight_bit = layout.is_8bit(st.st_mode) if body is None else not body.isascii()
+        return _claim(entry, path, env, state, size, queued_at, eight_bit, body, has_meta)
 
     def read_state(self, qid: str) -> State:
         return self._load_state(qid)[0]
@@ -200,42 +208,47 @@ class Spool:
             return State.from_bytes(f.read()), True
 
     def write_state(self, qid: str, state: State) -> None:
+        """Replace the message's state file durably (the one rename that replaces: its own state)."""
         tmp = self.dir(TMP) / f".meta.{qid}.{os.urandom(4).hex()}"
-        with open(tmp, "wb") as f:
-            f.write(state.to_bytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.dir(META) / f"{qid}.json")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(state.to_bytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.dir(META) / f"{qid}.json")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         fsync_dir(self.dir(META))
 
-    def done(self, claim: Claim) -> None:
-        """The message needs nothing more: remove it and its state, durably."""
-        self.purge(self.retire(claim))
-
-    def retire(self, claim: Claim) -> list[str]:
+    def retire(self, claim: SpoolClaim) -> list[str]:
         """Take a finished message (then its state file) out of the queue by renames into tmp/.
 
         A rename is cheap and the queue is right at once: nothing retired is
-        ever delivered again, even after a kill. Unlinking is slow (~0.1 ms
-        of blocked wall time on ext4), so it is left to ``purge``, which the
-        daemon runs in the threadpool for many messages at once. Returns the
-        paths to purge. Not durable until ``purge`` (or ``sync_active``).
+        ever delivered again, even after a kill. Unlinking is slow, so it is
+        left to ``purge``, which the daemon runs in the threadpool for many
+        messages at once. Returns the paths to purge. Not durable until
+        ``purge`` (or ``sync_active``).
         """
         name = os.path.basename(claim.path)
         gone = [f"{self._tmp}/{DONE_PREFIX}{name}"]
-        os.rename(claim.path, gone[0])
+        rename_new(claim.path, gone[0])
         if claim.has_meta:
             with contextlib.suppress(FileNotFoundError):
-                os.rename(f"{self._meta}/{claim.id}.json", f"{self._tmp}/{DONE_PREFIX}{name}.json")
+                rename_new(f"{self._meta}/{claim.id}.json", f"{self._tmp}/{DONE_PREFIX}{name}.json")
                 gone.append(f"{self._tmp}/{DONE_PREFIX}{name}.json")
         return gone
+
+    def done(self, claim: SpoolClaim) -> None:
+        """The message needs nothing more: remove it and its state, durably."""
+        self.purge(self.retire(claim))
 
     def purge(self, paths: Iterable[str]) -> None:
         """Unlink retired files, then make their retirement durable (one fsync of outgoing_active/).
 
         A batch goes to one ``rm`` process when there is one: each ``os.unlink``
-        here would release and retake the GIL, and the hub's thread, which
-        shares it, lost about a fifth of its delivery rate to those hand-offs.
+        here would release and retake the GIL, which the hub's thread shares.
         """
         paths = list(paths)
         if len(paths) >= RM_BATCH and RM is not None and _rm(paths):
@@ -249,7 +262,7 @@ class Spool:
         """Make removals from outgoing_active/ durable (one fsync covers all before it)."""
         fsync_dir(self.dir(ACTIVE))
 
-    def requeue(self, claim: Claim, next_at: int, *, attempt: bool = True, state: bool = True) -> Entry:
+    def requeue(self, claim: SpoolClaim, next_at: int, *, attempt: bool = True, state: bool = True) -> Entry:
         """Put a claimed message back into outgoing/, due at ``next_at``.
 
         ``attempt`` counts this as a delivery attempt; ``state`` saves the
@@ -259,31 +272,40 @@ class Spool:
             self.write_state(claim.id, claim.state)
         e = claim.entry
         new = e.renamed(e.attempts + (1 if attempt else 0), next_at)
-        os.rename(claim.path, self.dir(OUTGOING) / new.name)
+        rename_new(claim.path, self.dir(OUTGOING) / new.name)
         fsync_dir(self.dir(OUTGOING))
         return new
 
-    def fail(self, claim: Claim) -> None:
+    def fail(self, claim: SpoolClaim) -> None:
         """Move a message whose recipients are all settled, some failed, to failed/."""
         self.write_state(claim.id, claim.state)
         e = claim.entry
-        os.rename(claim.path, self.dir(FAILED) / format_name(e.id, e.attempts + 1, 0))
+        rename_new(claim.path, self.dir(FAILED) / layout.format_name(e.id, e.attempts + 1, 0))
         fsync_dir(self.dir(FAILED))
+
+    def counts(self) -> dict[str, int]:
+        """Messages in failed/ and hold/, by a listing."""
+        return {"failed": _count(self.dir(FAILED)), "held": _count(self.dir(HOLD))}
 
     # -- owners and recovery (owners.py) ------------------------------------------
 
     def lock_owner(self) -> None:
-        """Announce this daemon: an flock'd file in owners/, held until exit."""
-        self._lock_fd = owners.lock(self.dir(OWNERS), self.owner)
+        """Announce this daemon: its locks, held until ``unlock_owner``."""
+        self._lock = owners.Lock(self.path, self.dir(OWNERS), self.owner)
+
+    def keep_owner(self) -> None:
+        """Put this daemon's lock file back if someone removed it."""
+        if self._lock is not None:
+            self._lock.keep()
 
     def unlock_owner(self) -> None:
-        if self._lock_fd is not None:
-            owners.unlock(self.dir(OWNERS), self.owner, self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def recover(self) -> int:
-        """Return claims of dead daemons to outgoing/; a live daemon's are left alone."""
-        moved = owners.recover(self.dir(OWNERS), self.dir(ACTIVE), self.dir(OUTGOING), self.owner)
+        """Return claims no live daemon owns to outgoing/; a live daemon's are left alone."""
+        moved = owners.recover(self._liveness, self.dir(ACTIVE), self.dir(OUTGOING), self.owner)
         if moved:
             fsync_dir(self.dir(OUTGOING))
         return moved
@@ -301,7 +323,90 @@ class Spool:
         return removed
 
     def outgoing_mtime(self) -> int:
-        return os.stat(self.dir(OUTGOING)).st_mtime_ns
+        return os.stat(self._outgoing).st_mtime_ns
+
+    def wake_mtime(self) -> int:
+        """When outgoing/.wake was last written (0: never)."""
+        try:
+            return os.stat(f"{self._outgoing}/{WAKE}").st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    # -- the operator's side (spooladmin.py) --------------------------------------
+
+    def list(self) -> list[MessageInfo]:
+        return spooladmin.list_messages(self)
+
+    def show(self, qid: str) -> tuple[MessageInfo, BinaryIO]:
+        return spooladmin.show(self, qid)
+
+    def delete(self, qid: str) -> None:
+        spooladmin.delete(self, qid)
+
+    def delete_failed(self) -> int:
+        return spooladmin.delete_failed(self)
+
+    def hold(self, qid: str) -> bool:
+        return spooladmin.hold(self, qid)
+
+    def release_hold(self, qid: str) -> bool:
+        return spooladmin.release(self, qid)
+
+    def retry(self, qid: str) -> bool:
+        return spooladmin.retry(self, qid)
+
+    def retry_all(self) -> int:
+        return spooladmin.retry_all(self)
+
+    def wake(self) -> None:
+        """Tell daemons running on this spool to look at it now (outgoing/.wake is written)."""
+        fd = os.open(f"{self._outgoing}/{WAKE}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, f"{time.time()}\n".encode())
+        finally:
+            os.close(fd)
+
+
+def _claim(
+    entry: Entry,
+    path: str,
+    env: Envelope,
+    state: State,
+    size: int,
+    queued_at: float,
+    eight_bit: bool,
+    body: bytes | None,
+    has_meta: bool,
+) -> SpoolClaim:
+    return SpoolClaim(
+        entry.id, env.sender, env.recipients, state, size, queued_at, entry.attempts, eight_bit,
+        entry=entry, path=path, body_offset=env.body_offset, body=body, has_meta=has_meta,
+    )  # fmt: skip
+
+
+def _count(directory: Path) -> int:
+    return sum(1 for name in os.listdir(directory) if not name.startswith("."))
+
+
+def _invalid(path: str) -> str | None:
+    """Why a file is not a queue file (not a regular file, a bad envelope, no message); None if it is one."""
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        return "not a regular file"
+    with open(path, "rb") as f:
+        try:
+            read_envelope(f)
+        except CorruptQueueFile as e:
+            return str(e)
+    return None
+
+
+def _has_8bit(path: str) -> bool:
+    """Whether a file (a regular one: _invalid said so) has a byte outside ASCII, read in chunks."""
+    with open(path, "rb") as f:
+        while chunk := f.read(ADOPT_SCAN):
+            if not chunk.isascii():
+                return True
+    return False
 
 
 def _rm(paths: list[str]) -> bool:

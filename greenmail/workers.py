@@ -11,10 +11,7 @@ Owns: each process's share of the configuration; starting, watching and
 restarting the children, passing on a stop, waiting for them; the link's
 two pipes: a child's stdin (EOF: the supervisor is gone, stop) and its
 stdout (a snapshot of its metrics, one JSON line a second and one at
-exit); merging the children's snapshots into the supervisor's /metrics:
-counters, histograms and gauges of the spool and connections are summed,
-the oldest-message time is the earliest; everything else is the
-supervisor's own.
+exit), which the supervisor's /metrics adds to its own (metrics.combine).
 Must not touch: delivery, the spool's files, SMTP.
 """
 
@@ -27,25 +24,19 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import gevent
 from gevent import subprocess
 from gevent.os import make_nonblocking, nb_read, nb_write
-from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 
 from greenmail.config import Config
+from greenmail.metrics import Metrics, Snapshot, combine, retired
 
 log = logging.getLogger("greenmail.workers")
 REPORT_INTERVAL = 1.0  # seconds between a child's metric snapshots
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # after a child dies: the wait before each new start
 STOP_MARGIN = 15.0  # seconds a child gets beyond shutdown_grace before it is killed
-SUMMED_GAUGES = ("greenmail_connections_active", "greenmail_spool_messages")
-EARLIEST = "greenmail_spool_oldest_message_timestamp_seconds"
-
-Snapshot = dict[str, list[tuple[str, dict[str, str], float]]]
 
 
 def parse_worker(text: str) -> tuple[int, int]:
@@ -75,73 +66,24 @@ def share_config(cfg: Config, worker: tuple[int, int]) -> Config:
     )
 
 
-def _merged(family: Any) -> str | None:
-    """How a metric family is combined over the processes: "sum", "min" or None (the supervisor's)."""
-    if family.name == EARLIEST:
-        return "min"
-    if family.name.startswith("greenmail_") and (
-        family.type in ("counter", "histogram") or family.name in SUMMED_GAUGES
-    ):
-        return "sum"
-    return None
+class Reports:
+    """The other delivery processes' last snapshots, as process 0's /metrics adds them in.
 
-
-def snapshot(registry: Any) -> Snapshot:
-    """The families a child reports, as {family: [(sample, labels, value)]}."""
-    return {
-        f.name: [(s.name, s.labels, s.value) for s in f.samples]
-        for f in registry.collect()
-        if _merged(f) is not None
-    }
-
-
-class MergedRegistry(Collector):
-    """The supervisor's registry with the children's last snapshots added in (what /metrics serves).
-
-    When a child ends, its counters and histograms are kept (``retire``), so
-    the sums never go back; its gauges go with it.
+    When a child ends, its counts are kept (``retire``), so the sums never go
+    back; its gauges go with it.
     """
 
-    def __init__(self, registry: Any) -> None:
-        self.registry = registry
+    def __init__(self) -> None:
         self.children: dict[int, Snapshot] = {}
         self._retired: Snapshot = {}
 
     def retire(self, k: int) -> None:
-        snap = self.children.pop(k, {})
-        for family in snap:
-            if family not in SUMMED_GAUGES and family != EARLIEST:  # counts stay, gauges go
-                kept = [Sample(*t) for t in self._retired.get(family, ())]
-                summed = _combine(kept, family, "sum", [snap])
-                self._retired[family] = [(x.name, x.labels, x.value) for x in summed]
+        snap = self.children.pop(k, None)
+        if snap is not None:
+            self._retired = combine([self._retired, retired(snap)])
 
-    def collect(self) -> Iterator[Any]:
-        snaps = [*self.children.values(), self._retired]
-        for family in self.registry.collect():
-            how = _merged(family)
-            if how is not None:
-                family.samples = _combine(family.samples, family.name, how, snaps)
-            yield family
-
-
-def _labels(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted(labels.items()))
-
-
-def _combine(samples: list[Any], family: str, how: str, snaps: list[Snapshot]) -> list[Any]:
-    """``samples`` with the same samples of ``snaps`` summed in (or the earliest non-zero kept)."""
-    out = {(s.name, _labels(s.labels)): s for s in samples}
-    for snap in snaps:
-        for name, labels, value in snap.get(family, ()):
-            key = (name, _labels(labels))
-            mine = out.get(key)
-            if mine is None:
-                out[key] = Sample(name, labels, value)
-            elif how == "sum":
-                out[key] = mine._replace(value=mine.value + value)
-            elif value and (not mine.value or value < mine.value):
-                out[key] = mine._replace(value=value)
-    return list(out.values())
+    def snapshots(self) -> list[Snapshot]:
+        return [*self.children.values(), self._retired]
 
 
 # -- the child's half ------------------------------------------------------------------
@@ -150,8 +92,8 @@ def _combine(samples: list[Any], family: str, how: str, snaps: list[Snapshot]) -
 class Link:
     """A child's end: report metrics on stdout, stop when stdin closes (the supervisor is gone)."""
 
-    def __init__(self, registry: Any, stop: Any) -> None:
-        self.registry = registry
+    def __init__(self, metrics: Metrics, stop: Any) -> None:
+        self.metrics = metrics
         self.stop = stop  # called once the supervisor is gone
         make_nonblocking(0)
         make_nonblocking(1)
@@ -175,7 +117,7 @@ class Link:
             log.info("last metrics report not sent: %s", e)
 
     def report(self) -> None:
-        data = memoryview(json.dumps(snapshot(self.registry)).encode() + b"\n")
+        data = memoryview(json.dumps(self.metrics.snapshot()).encode() + b"\n")
         while data:
             data = data[nb_write(1, data) :]
 
@@ -186,7 +128,7 @@ class Link:
 class Supervisor:
     """Starts children 1..N-1, restarts one that dies (unless stopping or --once), stops them all."""
 
-    def __init__(self, n: int, args: list[str], metrics: MergedRegistry, once: bool, grace: float) -> None:
+    def __init__(self, n: int, args: list[str], metrics: Reports, once: bool, grace: float) -> None:
         self.n = n
         self.args = args  # greenmail run's options, passed on to every child
         self.metrics = metrics

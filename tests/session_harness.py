@@ -17,6 +17,7 @@ from greenmail.queuefile import Entry, State, parse_name
 from greenmail.session import Session
 from greenmail.shaping import RateLimiter, Throttle
 from greenmail.spool import Spool
+from greenmail.spoolqueue import SpoolQueue
 
 MIN_BACKOFF = 300
 TIMEOUTS = ("connect", "banner", "command", "data_init", "data_block", "data_end")
@@ -70,7 +71,9 @@ class Harness:
         self.spool = Spool(self.cfg.spool.path)
         self.spool.ensure()
         self.metrics = Metrics()
-        self.outbox = Outbox(self.spool, self.cfg.retry, self.metrics, offload, shield=shielded)
+        self.queue = SpoolQueue(self.spool, offload)
+        self.metrics.queue_gauges = self.queue.gauges
+        self.outbox = Outbox(self.queue, self.cfg.retry, self.metrics, shield=shielded, offload=offload)
         self.transport = Transport.build(
             self.cfg.relay, self.cfg.timeouts, self.metrics, "client.test", throttle
         )
@@ -81,8 +84,10 @@ class Harness:
         return self.spool.enqueue(sender, list(rcpts or (RCPT,)), body)
 
     def session(self) -> gevent.Greenlet:
-        self.outbox.refresh()
-        s = Session(self.transport, self.outbox, on_greeted=self.greeted.append, limiter=self.limiter)
+        self.queue.refresh()
+        s = Session(
+            self.transport, self.outbox, on_greeted=self.greeted.append, limiter=self.limiter, offload=offload
+        )
         return gevent.spawn(s.run)
 
     def run(self, timeout: float = 10.0) -> float:

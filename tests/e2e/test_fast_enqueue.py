@@ -1,11 +1,13 @@
 """``greenmail enqueue`` as applications run it: the installed command, one process per message.
 
-Its cost is mostly imports, so the command must import nothing beyond what
-``import greenmail`` itself costs and the light enqueue modules — no click,
-tomllib, pathlib, dataclasses, logging — and still write the exact queue file,
-reject bad configurations with config.load's words, and fall back to tomllib
-for a file outside tomlmini's subset. Every test runs the real installed script
-(the interpreter's own import log tells what it imported).
+Its cost is mostly imports. Once a full load of the configuration has left
+the settings cache beside it (confcache.py), the command must import nothing
+beyond what ``import greenmail`` itself costs and the light submission
+modules — no click, tomllib, pathlib, dataclasses, logging — and still write
+the exact queue file. Without a cache, or with a stale or untrusted one, it
+loads the configuration in full (and rejects a bad one with config.load's
+words). Every test runs the real installed script (the interpreter's own
+import log tells what it imported).
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from greenmail.queuefile import HOST
 
 LIGHT = {
     "greenmail.entry",
+    "greenmail.submit",
+    "greenmail.exits",
     "greenmail.errors",
     "greenmail.address",
-    "greenmail.purepath",
+    "greenmail.layout",
     "greenmail.dropoff",
-    "greenmail.confcheck",
-    "greenmail.tomlmini",
+    "greenmail.confcache",
     "errno",
 }
 HEAVY = {  # greenmail's heavy modules and what they bring (pathlib, re: see below)
@@ -97,6 +100,9 @@ def outgoing(cfg: Path) -> list[Path]:
 
 
 def test_enqueue_imports_only_the_light_modules(cfg: Path, baseline: set[str]) -> None:
+    first, modules = enqueue(cfg)  # no cache yet: the full load, which leaves it
+    assert first.returncode == 0, first.stderr
+    assert "tomllib" in modules
     r, modules = enqueue(cfg)
     assert r.returncode == 0, r.stderr
     assert modules - baseline <= LIGHT, f"the enqueue path imported {sorted(modules - baseline - LIGHT)}"
@@ -167,13 +173,37 @@ def test_missing_configuration_file(tmp_path: Path) -> None:
     assert (r.returncode, r.stderr.decode()) == (78, f"greenmail: configuration error: {full.value}\n")
 
 
-def test_file_outside_the_subset_goes_through_tomllib(tmp_path: Path, baseline: set[str]) -> None:
+def test_a_changed_configuration_is_loaded_in_full(tmp_path: Path) -> None:
     path = tmp_path / "greenmail.toml"
-    path.write_text(
-        '[spool]\npath = "sp\\u006Fol"  # an escape: tomllib reads this one\n[relay]\nport = 2_525\n'
-    )
+    path.write_text('[spool]\npath = "one"\n')
+    for _ in range(2):
+        assert enqueue(path)[0].returncode == 0
+    path.write_text('[spool]\npath = "two"  # a longer file: its size changed\n')
     r, modules = enqueue(path)
     assert r.returncode == 0, r.stderr
     assert "tomllib" in modules
-    (written,) = outgoing(path)
-    assert written.name == r.stdout.decode().strip()
+    assert len(os.listdir(tmp_path / "one" / "outgoing")) == 2
+    assert os.listdir(tmp_path / "two" / "outgoing") == [r.stdout.decode().strip()]
+    r, modules = enqueue(path)  # the cache follows
+    assert "tomllib" not in modules and len(os.listdir(tmp_path / "two" / "outgoing")) == 2
+
+
+def test_a_cache_others_could_write_is_not_used(tmp_path: Path) -> None:
+    path = tmp_path / "greenmail.toml"
+    path.write_text('[spool]\npath = "spool"\n')
+    assert enqueue(path)[0].returncode == 0
+    cache = tmp_path / ".greenmail.toml.cache"
+    assert cache.exists()
+    cache.chmod(0o666)
+    r, modules = enqueue(path)
+    assert r.returncode == 0 and "tomllib" in modules
+
+
+def test_a_broken_cache_is_not_used(tmp_path: Path) -> None:
+    path = tmp_path / "greenmail.toml"
+    path.write_text('[spool]\npath = "spool"\n')
+    assert enqueue(path)[0].returncode == 0
+    (tmp_path / ".greenmail.toml.cache").write_bytes(b"\x00not marshal")
+    r, modules = enqueue(path)
+    assert r.returncode == 0 and "tomllib" in modules
+    assert len(outgoing(path)) == 2

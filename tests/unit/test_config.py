@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from greenmail import config
+from greenmail import confcheck, config
 from greenmail.config import Config, ConfigError, load
 
 FULL = """
@@ -330,3 +331,21 @@ def test_find_empty_env_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(config, "DEFAULT_PATHS", ())
     with pytest.raises(ConfigError):
         config.find(None)
+
+
+def test_schema_names_exactly_the_config_fields() -> None:
+    sections = {
+        "spool": config.SpoolConfig,
+        "relay": config.RelayConfig,
+        "delivery": config.DeliveryConfig,
+        "retry": config.RetryConfig,
+        "timeouts": config.Timeouts,
+        "metrics": config.MetricsConfig,
+    }
+    assert set(confcheck.SCHEMA) == set(sections)
+    for name, cls in sections.items():
+        assert set(confcheck.SCHEMA[name]) == {f.name for f in fields(cls)}, name
+    assert (config.RetryConfig.min_backoff, config.RetryConfig.max_backoff) == (
+        confcheck.MIN_BACKOFF,
+        confcheck.MAX_BACKOFF,
+    )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from greenmail import esmtp
@@ -106,25 +104,3 @@ def test_precheck_reasons_name_the_cause() -> None:
 )
 def test_mail_params(extensions: dict[str, str], size: int, eight_bit: bool, utf8: bool, params: str) -> None:
     assert esmtp.mail_params(extensions, size, eight_bit, utf8) == params
-
-
-@pytest.mark.parametrize(
-    "head, body, expected",
-    [
-        (b"", b"plain ascii\r\n", False),
-        (b"", b"caf\xc3\xa9\r\n", True),
-        (b"", b"\x80", True),
-        (b"", b"\x7f\x00\t\r\n", False),  # DEL and NUL are 7-bit
-        (b"S caf\xc3\xa9@example.org\r\n", b"ascii only\r\n", False),  # before the offset: not body
-        (b"env\r\n", b"", False),
-        (b"", b"x" * (64 * 1024 - 1) + b"\xff", True),  # the last byte of the first chunk
-        (b"", b"x" * (64 * 1024) + b"\xff", True),  # the first byte of the second
-        (b"", b"x" * (3 * 64 * 1024 + 17) + b"\xe9yz", True),
-        (b"", b"x" * (3 * 64 * 1024 + 17), False),
-    ],
-    ids=lambda v: None if isinstance(v, bool) else repr(v[:24]),
-)
-def test_is_8bit(tmp_path: Path, head: bytes, body: bytes, expected: bool) -> None:
-    path = tmp_path / "q"
-    path.write_bytes(head + body)
-    assert esmtp.is_8bit(path, len(head)) is expected

@@ -18,7 +18,7 @@ from typing import Any
 import promtool_support as pt
 import pytest
 
-from greenmail import logfmt
+from greenmail import layout, logfmt
 from greenmail.config import RetryConfig, from_dict
 from greenmail.metrics import (
     CONNECT_RESULTS,
@@ -27,12 +27,12 @@ from greenmail.metrics import (
     SCAN_TRIGGERS,
     SPOOL_STATES,
     Metrics,
-    SpoolGauges,
     wsgi_app,
 )
-from greenmail.outbox import Outbox
+from greenmail.outbox import Attempt, Outbox
 from greenmail.protocol import STAGES
 from greenmail.spool import Spool
+from greenmail.spoolqueue import SpoolQueue
 
 # The contract's families (section 6): name -> (type, {label: enumerated values}).
 CONTRACT: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
@@ -106,7 +106,7 @@ def test_process_and_gc_collectors_and_no_created_series() -> None:
 
 def test_own_registry_each_time() -> None:
     a, b = Metrics(), Metrics()
-    a.bounces.inc()
+    a.count("bounce")
     assert value(b, "greenmail_bounces_total") == 0
 
 
@@ -157,7 +157,7 @@ def daemon_for(tmp_path: Path, interval: float = 1) -> Any:
 
     raw = {"spool": {"path": "spool"}, "delivery": {"check_interval": interval}, "metrics": {"listen": ""}}
     d = Daemon(from_dict(raw, tmp_path))
-    d.spool.ensure()
+    d.queue.spool.ensure()
     return d
 
 
@@ -184,74 +184,84 @@ def spool_gauges(m: Metrics) -> dict[str, float]:
     return {s: value(m, "greenmail_spool_messages", state=s) for s in SPOOL_STATES}
 
 
-def test_spool_gauges_follow_each_event(tmp_path: Path) -> None:
+def gauged(tmp_path: Path) -> tuple[Spool, Metrics, SpoolQueue, Outbox]:
     spool = Spool(tmp_path / "spool", owner="me")
     spool.ensure()
     m = Metrics()
-    ob = Outbox(spool, RetryConfig(bounce=False), m)
+    q = SpoolQueue(spool)
+    m.queue_gauges = q.gauges
+    return spool, m, q, Outbox(q, RetryConfig(bounce=False), m)
+
+
+def test_spool_gauges_follow_each_event(tmp_path: Path) -> None:
+    spool, m, q, ob = gauged(tmp_path)
     first = spool.enqueue("a@example.org", ["x@example.net"], b"Subject: 1\n\nbody\n")
     time.sleep(0.002)
     spool.enqueue("a@example.org", ["y@example.net"], b"Subject: 2\n\nbody\n")
-    ob.refresh()
-    assert spool_gauges(m) == {"queued": 2, "deferred": 0, "active": 0, "failed": 0}
+    q.refresh()
+    assert spool_gauges(m) == {"queued": 2, "deferred": 0, "active": 0, "failed": 0, "held": 0}
     oldest = value(m, "greenmail_spool_oldest_message_timestamp_seconds")
     assert abs(oldest - int(first[:13], 16) / 1e6) < 1e-6
 
     claim = ob.take()
     assert claim is not None and claim.id == first
-    assert spool_gauges(m) == {"queued": 1, "deferred": 0, "active": 1, "failed": 0}
+    assert spool_gauges(m) == {"queued": 1, "deferred": 0, "active": 1, "failed": 0, "held": 0}
     assert value(m, "greenmail_spool_oldest_message_timestamp_seconds") == oldest  # active is not delivered
     ob.finish(claim)  # nothing settled: deferred
-    assert spool_gauges(m) == {"queued": 1, "deferred": 1, "active": 0, "failed": 0}
+    assert spool_gauges(m) == {"queued": 1, "deferred": 1, "active": 0, "failed": 0, "held": 0}
 
     second = ob.take()
     assert second is not None
-    second.state.recipients["y@example.net"] = "delivered"
-    ob.finish(second)
-    assert spool_gauges(m) == {"queued": 0, "deferred": 1, "active": 0, "failed": 0}
+    ob.finish(second, Attempt({"y@example.net": ("delivered", "250 ok")}))
+    assert spool_gauges(m) == {"queued": 0, "deferred": 1, "active": 0, "failed": 0, "held": 0}
     assert value(m, "greenmail_spool_oldest_message_timestamp_seconds") == oldest
 
     third = spool.enqueue("a@example.org", ["z@example.net"], b"Subject: 3\n\nbody\n")
-    ob.wakeup()
+    q.wakeup()
     claim = ob.take()
     assert claim is not None and claim.id == third
-    claim.state.recipients["z@example.net"] = "failed"
-    ob.finish(claim)
-    assert spool_gauges(m) == {"queued": 0, "deferred": 1, "active": 0, "failed": 1}
+    ob.finish(claim, Attempt({"z@example.net": ("failed", "550 no")}))
+    assert spool_gauges(m) == {"queued": 0, "deferred": 1, "active": 0, "failed": 1, "held": 0}
 
-    ob.refresh()
-    ob.update_gauges()  # the periodic check: a full re-index and a listing agree with the events
-    assert spool_gauges(m) == {"queued": 0, "deferred": 1, "active": 0, "failed": 1}
+    held = spool.enqueue("a@example.org", ["h@example.net"], b"Subject: 4\n\nbody\n")
+    spool.hold(held)
+    q.refresh()
+    q.maintain()  # the periodic check: a full re-index and a listing agree with the events
+    assert spool_gauges(m) == {"queued": 0, "deferred": 1, "active": 0, "failed": 1, "held": 1}
     assert value(m, "greenmail_spool_oldest_message_timestamp_seconds") == oldest
 
 
-def test_oldest_timestamp_moves_on_and_drops_to_zero() -> None:
-    m = Metrics()
-    g = SpoolGauges(m)
-    g.indexed("b", False, 200.0)
-    g.indexed("a", True, 100.0)
-    assert value(m, "greenmail_spool_oldest_message_timestamp_seconds") == 100
-    g.claimed("a", True)
-    g.settled("a", "delivered")
-    assert value(m, "greenmail_spool_oldest_message_timestamp_seconds") == 200
-    g.claimed("b", False)
-    g.settled("b", "released")  # back to outgoing/: still waiting
-    assert value(m, "greenmail_spool_oldest_message_timestamp_seconds") == 200
-    g.indexed("b", False, 200.0)
-    g.dropped("b", False)  # deleted by `greenmail queue delete`
+def test_oldest_timestamp_moves_on_and_drops_to_zero(tmp_path: Path) -> None:
+    spool, m, q, ob = gauged(tmp_path)
+    a = spool.enqueue("s@example.org", ["a@example.net"], b"Subject: a\n\nbody\n")
+    time.sleep(0.002)
+    b = spool.enqueue("s@example.org", ["b@example.net"], b"Subject: b\n\nbody\n")
+    q.refresh()
+    assert value(m, "greenmail_spool_oldest_message_timestamp_seconds") == layout.id_time(a)
+    claim = ob.take()
+    ob.finish(claim, Attempt({"a@example.net": ("delivered", "250 ok")}))
+    assert value(m, "greenmail_spool_oldest_message_timestamp_seconds") == layout.id_time(b)
+    claim = ob.take()
+    ob.release(claim, "shutdown")  # back to outgoing/: still waiting
+    assert value(m, "greenmail_spool_oldest_message_timestamp_seconds") == layout.id_time(b)
+    spool.delete(b)  # by `greenmail queue delete`
+    q.refresh()
     assert value(m, "greenmail_spool_oldest_message_timestamp_seconds") == 0
-    assert spool_gauges(m) == {"queued": 0, "deferred": 0, "active": 0, "failed": 0}
+    assert spool_gauges(m) == dict.fromkeys(SPOOL_STATES, 0)
 
 
-def test_reindex_keeps_claimed_messages() -> None:
-    m = Metrics()
-    g = SpoolGauges(m)
-    g.indexed("a", False, 100.0)
-    g.indexed("b", False, 200.0)
-    g.claimed("a", False)
-    g.reindex()  # a periodic check while "a" is being sent; "b" is gone
-    assert value(m, "greenmail_spool_oldest_message_timestamp_seconds") == 100
-    g.settled("a", "delivered")
+def test_reindex_keeps_claimed_messages(tmp_path: Path) -> None:
+    spool, m, q, ob = gauged(tmp_path)
+    a = spool.enqueue("s@example.org", ["a@example.net"], b"Subject: a\n\nbody\n")
+    time.sleep(0.002)
+    b = spool.enqueue("s@example.org", ["b@example.net"], b"Subject: b\n\nbody\n")
+    q.refresh()
+    claim = ob.take()
+    assert claim.id == a
+    spool.delete(b)
+    q.refresh()  # a periodic check while "a" is being sent; "b" is gone
+    assert value(m, "greenmail_spool_oldest_message_timestamp_seconds") == layout.id_time(a)
+    ob.finish(claim, Attempt({"a@example.net": ("delivered", "250 ok")}))
     assert value(m, "greenmail_spool_oldest_message_timestamp_seconds") == 0
 
 

@@ -1,4 +1,4 @@
-"""The outbox settles a delivered message at once and unlinks it in the background, in batches."""
+"""The spool queue settles a delivered message at once and unlinks it in the background, in batches."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import gevent
 
 from greenmail.config import RetryConfig
 from greenmail.daemon import offload, shielded
+from greenmail.layout import ACTIVE, OUTGOING, TMP
 from greenmail.metrics import Metrics
 from greenmail.outbox import Outbox
-from greenmail.spool import ACTIVE, OUTGOING, TMP, Spool
+from greenmail.spool import Spool
+from greenmail.spoolqueue import SpoolQueue
 
 MESSAGE = b"Subject: s\n\nbody\n"
 
@@ -20,8 +22,9 @@ def test_delivered_messages_leave_the_queue_at_once_and_are_unlinked_in_one_batc
     spool = Spool(tmp_path / "spool", owner="me")
     spool.ensure()
     spool.enqueue_many([("a@b.example", ["c@d.example"], MESSAGE)] * 20)
-    outbox = Outbox(spool, RetryConfig(), Metrics(), offload, shield=shielded)
-    assert outbox.refresh() == 20
+    queue = SpoolQueue(spool, offload)
+    outbox = Outbox(queue, RetryConfig(), Metrics(), shield=shielded, offload=offload)
+    assert queue.refresh() == 20
     purges: list[int] = []
     real_purge = spool.purge
 
@@ -35,7 +38,7 @@ def test_delivered_messages_leave_the_queue_at_once_and_are_unlinked_in_one_batc
         assert outbox.finish(claim) == "delivered"
         assert os.listdir(spool.dir(ACTIVE)) == []  # retired before finish returns
     assert len(os.listdir(spool.dir(TMP))) == 20  # not unlinked yet: no greenlet switch so far
-    outbox.flush()
+    queue.flush()
     assert os.listdir(spool.dir(TMP)) == []
     assert os.listdir(spool.dir(OUTGOING)) == []
     assert purges == [20]  # one batch, one directory fsync, for all of them
@@ -45,8 +48,9 @@ def test_flush_waits_for_a_batch_in_progress(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", owner="me")
     spool.ensure()
     spool.enqueue_many([("a@b.example", ["c@d.example"], MESSAGE)] * 3)
-    outbox = Outbox(spool, RetryConfig(), Metrics(), offload, shield=shielded)
-    outbox.refresh()
+    queue = SpoolQueue(spool, offload)
+    outbox = Outbox(queue, RetryConfig(), Metrics(), shield=shielded, offload=offload)
+    queue.refresh()
     for _ in range(2):
         claim = outbox.take()
         assert claim is not None
@@ -57,5 +61,5 @@ def test_flush_waits_for_a_batch_in_progress(tmp_path: Path) -> None:
     assert claim is not None
     claim.state.recipients["c@d.example"] = "delivered"
     outbox.finish(claim)  # retired while the first batch may be in flight
-    outbox.flush()
+    queue.flush()
     assert os.listdir(spool.dir(TMP)) == []

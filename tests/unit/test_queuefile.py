@@ -9,14 +9,13 @@ import re
 
 import pytest
 
+from greenmail.dropoff import added_headers, envelope_lines
 from greenmail.errors import CorruptQueueFile
 from greenmail.queuefile import (
     HOST,
     Entry,
     Envelope,
     State,
-    added_headers,
-    envelope_lines,
     format_name,
     new_id,
     parse_name,
@@ -26,15 +25,16 @@ from greenmail.queuefile import (
 # -- file names -----------------------------------------------------------------
 
 
+ID = "0123456789ABCDEF01234567"  # the shape of greenmail's own ids: 24 upper-case hex digits
+
+
 @pytest.mark.parametrize(
     ("name", "qid", "attempts", "next_at"),
     [
-        ("ABC", "ABC", 0, 0),
-        ("ABC,2,1700000000", "ABC", 2, 1700000000),
-        ("abc-1_2.x", "abc-1_2.x", 0, 0),
-        ("_x,0,5", "_x", 0, 5),
-        ("Z,7,0", "Z", 7, 0),
-        ("0" * 128, "0" * 128, 0, 0),
+        (ID, ID, 0, 0),
+        (f"{ID},2,1700000000", ID, 2, 1700000000),
+        (f"{ID},0,5", ID, 0, 5),
+        (f"{ID},7,0", ID, 7, 0),
     ],
 )
 def test_parse_name(name: str, qid: str, attempts: int, next_at: int) -> None:
@@ -45,10 +45,10 @@ def test_parse_name(name: str, qid: str, attempts: int, next_at: int) -> None:
 @pytest.mark.parametrize(
     ("qid", "attempts", "next_at", "name"),
     [
-        ("ABC", 0, 0, "ABC"),
-        ("ABC", 2, 1700000000, "ABC,2,1700000000"),
-        ("ABC", 0, 1700000000, "ABC,0,1700000000"),
-        ("ABC", 3, 0, "ABC,3,0"),
+        (ID, 0, 0, ID),
+        (ID, 2, 1700000000, f"{ID},2,1700000000"),
+        (ID, 0, 1700000000, f"{ID},0,1700000000"),
+        (ID, 3, 0, f"{ID},3,0"),
     ],
 )
 def test_format_name_round_trip(qid: str, attempts: int, next_at: int, name: str) -> None:
@@ -88,6 +88,16 @@ def test_new_id_is_a_valid_name_and_unique() -> None:
         "0" * 129,
         "a,1234567890,1",
         "a,1,1234567890123",
+        # names of other programs' choosing, even valid-looking ones: given an id of our own first
+        "ABC",
+        "abc-1_2.x",
+        "msg.4242",
+        "msg.4242,1,0",
+        "0" * 128,
+        ID.lower(),
+        ID[:-1],
+        ID + "0",
+        f"{ID},1,2,8",
     ],
 )
 def test_parse_name_foreign(name: str) -> None:
@@ -352,9 +362,9 @@ def test_state_from_partial_json() -> None:
 
 def test_state_pending() -> None:
     e = Envelope("s@x", ("a@b", "c@d", "e@f"), 10)
-    assert State().pending(e) == ("a@b", "c@d", "e@f")
-    assert State({"a@b": "delivered", "e@f": "failed"}).pending(e) == ("c@d",)
-    assert State({"a@b": "delivered", "c@d": "delivered", "e@f": "failed"}).pending(e) == ()
+    assert State().pending(e.recipients) == ("a@b", "c@d", "e@f")
+    assert State({"a@b": "delivered", "e@f": "failed"}).pending(e.recipients) == ("c@d",)
+    assert State({"a@b": "delivered", "c@d": "delivered", "e@f": "failed"}).pending(e.recipients) == ()
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,12 @@ from pathlib import Path
 import gevent
 import pytest
 
+from greenmail import layout
 from greenmail.errors import AddressError, CorruptQueueFile, EnqueueError
+from greenmail.layout import ACTIVE, CORRUPT, DIRS, FAILED, META, OUTGOING, OWNERS, TMP
 from greenmail.queuefile import HOST, State, parse_name, read_envelope
-from greenmail.spool import ACTIVE, CORRUPT, DIRS, FAILED, META, OUTGOING, OWNERS, TMP, Claim, Spool
+from greenmail.spool import Spool
+from greenmail.spool import SpoolClaim as Claim
 
 MESSAGE = b"From: a@example.org\nSubject: hello\n\nbody line 1\nbody line 2\n"
 FULL = b"Date: Mon, 1 Jan 2024 00:00:00 +0000\nMessage-ID: <fixed@example.org>\nSubject: s\n\nbody\n"
@@ -306,7 +309,7 @@ def test_enqueue_stream_oserror_is_enqueue_error(spool: Spool) -> None:
 
 def test_enqueue_is_durable_in_order(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[tuple[str, str]] = []
-    real_fsync, real_rename = os.fsync, os.rename
+    real_fsync, real_rename = os.fsync, layout.link_new
 
     def fsync(fd: int) -> None:
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -317,7 +320,7 @@ def test_enqueue_is_durable_in_order(spool: Spool, monkeypatch: pytest.MonkeyPat
         real_rename(src, dst)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(layout, "link_new", rename)
     qid = spool.enqueue("a@b", ["c@d"], MESSAGE)
     tmp = str(spool.dir(TMP) / qid)
     assert events == [
@@ -333,11 +336,14 @@ def test_enqueue_is_durable_in_order(spool: Spool, monkeypatch: pytest.MonkeyPat
 def test_scan_lists_entries(spool: Spool) -> None:
     assert spool.scan() == []
     ids = {spool.enqueue("a@b", ["c@d"], FULL) for _ in range(3)}
-    drop(spool, "XYZ,2,1700000000", b"a@b\nc@d\n" + FULL)
+    drop(spool, "00000000000000000000AAAA,2,1700000000", b"a@b\nc@d\n" + FULL)
     entries = spool.scan()
-    assert {e.name for e in entries} == ids | {"XYZ,2,1700000000"}
+    assert {e.name for e in entries} == ids | {"00000000000000000000AAAA,2,1700000000"}
     by_id = {e.id: e for e in entries}
-    assert (by_id["XYZ"].attempts, by_id["XYZ"].next_at) == (2, 1700000000)
+    assert (by_id["00000000000000000000AAAA"].attempts, by_id["00000000000000000000AAAA"].next_at) == (
+        2,
+        1700000000,
+    )
     assert all(by_id[i].attempts == 0 and by_id[i].next_at == 0 for i in ids)
 
 
@@ -360,7 +366,7 @@ def test_scan_adopts_foreign_file(spool: Spool) -> None:
     assert (spool.dir(OUTGOING) / e.name).read_bytes() == data
     assert spool.scan() == [e]  # stable afterwards
     c = spool.claim(e)
-    assert c is not None and c.envelope.recipients == ("c@d",)
+    assert c is not None and c.recipients == ("c@d",)
 
 
 @pytest.mark.parametrize("name", ["a@b", "x,1", "ümlaut", "a,1,2,3"])
@@ -384,12 +390,12 @@ def test_claim(spool: Spool) -> None:
     assert c.path == str(spool.dir(ACTIVE) / f"{qid}@me")
     assert names(spool, OUTGOING) == []
     assert names(spool, ACTIVE) == [f"{qid}@me"]
-    assert c.envelope.sender == "a@b"
-    assert c.envelope.recipients == ("c@d", "e@f")
-    assert c.envelope.body_offset == len(b"a@b\nc@d,e@f\n")
+    assert c.sender == "a@b"
+    assert c.recipients == ("c@d", "e@f")
+    assert c.body_offset == len(b"a@b\nc@d,e@f\n")
     assert c.state == State()
     file_size = os.path.getsize(c.path)
-    assert c.size == file_size - c.envelope.body_offset
+    assert c.size == file_size - c.body_offset
     assert before - 2 <= c.queued_at <= time.time() + 2
     with c.open_body() as f:
         body = f.read()
@@ -424,7 +430,7 @@ def test_claim_reads_state(spool: Spool) -> None:
     spool.requeue(c, 0)
     c2 = claim_one(spool)
     assert c2.state == State({"c@d": "delivered"}, "451 later")
-    assert c2.state.pending(c2.envelope) == ("e@f",)
+    assert c2.pending() == ("e@f",)
 
 
 CORRUPT_FILES = [
@@ -440,45 +446,45 @@ CORRUPT_FILES = [
 
 @pytest.mark.parametrize("data", CORRUPT_FILES)
 def test_claim_corrupt_file(spool: Spool, data: bytes) -> None:
-    drop(spool, "BAD1", data)
+    drop(spool, "00000000000000000000BAD1", data)
     (entry,) = spool.scan()
     with pytest.raises(CorruptQueueFile):
         spool.claim(entry)
     assert names(spool, OUTGOING) == []
     assert names(spool, ACTIVE) == []
-    assert names(spool, CORRUPT) == ["BAD1"]
-    assert (spool.dir(CORRUPT) / "BAD1").read_bytes() == data
-    assert spool.read_state("BAD1").last_error
+    assert names(spool, CORRUPT) == ["00000000000000000000BAD1"]
+    assert (spool.dir(CORRUPT) / "00000000000000000000BAD1").read_bytes() == data
+    assert spool.read_state("00000000000000000000BAD1").last_error
     assert spool.scan() == []
 
 
 def test_claim_corrupt_keeps_deferred_name(spool: Spool) -> None:
-    drop(spool, "BAD2,3,1700000000", b"only one line")
+    drop(spool, "00000000000000000000BAD2,3,1700000000", b"only one line")
     (entry,) = spool.scan()
     with pytest.raises(CorruptQueueFile):
         spool.claim(entry)
-    assert names(spool, CORRUPT) == ["BAD2,3,1700000000"]
+    assert names(spool, CORRUPT) == ["00000000000000000000BAD2,3,1700000000"]
     assert names(spool, OUTGOING) == names(spool, ACTIVE) == []
 
 
 def test_claim_symlink_is_corrupt(spool: Spool, tmp_path: Path) -> None:
     target = tmp_path / "elsewhere"
     target.write_bytes(b"a@b\nc@d\n" + FULL)
-    os.symlink(target, spool.dir(OUTGOING) / "LINK")
+    os.symlink(target, spool.dir(OUTGOING) / "000000000000000000001111")
     (entry,) = spool.scan()
     with pytest.raises(CorruptQueueFile):
         spool.claim(entry)
-    assert names(spool, CORRUPT) == ["LINK"]
+    assert names(spool, CORRUPT) == ["000000000000000000001111"]
     assert names(spool, OUTGOING) == names(spool, ACTIVE) == []
     assert target.read_bytes() == b"a@b\nc@d\n" + FULL
 
 
 def test_claim_directory_is_corrupt(spool: Spool) -> None:
-    (spool.dir(OUTGOING) / "ADIR").mkdir()
+    (spool.dir(OUTGOING) / "000000000000000000002222").mkdir()
     (entry,) = spool.scan()
     with pytest.raises(CorruptQueueFile):
         spool.claim(entry)
-    assert names(spool, CORRUPT) == ["ADIR"]
+    assert names(spool, CORRUPT) == ["000000000000000000002222"]
     assert names(spool, OUTGOING) == names(spool, ACTIVE) == []
 
 
@@ -498,7 +504,7 @@ except CorruptQueueFile:
 def test_claim_fifo_is_corrupt_and_does_not_hang(spool: Spool) -> None:
     # A named pipe dropped into outgoing/ is not a regular file: the claim
     # must move it to corrupt/, not block forever in open() waiting for a writer.
-    os.mkfifo(spool.dir(OUTGOING) / "FIFO")
+    os.mkfifo(spool.dir(OUTGOING) / "000000000000000000003333")
     proc = subprocess.Popen([sys.executable, "-c", FIFO_CLAIM, str(spool.path)], stdout=subprocess.PIPE)
     try:
         out, _ = proc.communicate(timeout=3)
@@ -507,7 +513,7 @@ def test_claim_fifo_is_corrupt_and_does_not_hang(spool: Spool) -> None:
         proc.wait()
         pytest.fail("claim() of a FIFO blocked in open()")
     assert out == b"corrupt\n"
-    assert names(spool, CORRUPT) == ["FIFO"]
+    assert names(spool, CORRUPT) == ["000000000000000000003333"]
     assert names(spool, OUTGOING) == names(spool, ACTIVE) == []
 
 
@@ -897,3 +903,37 @@ def test_clean_tmp_survives_a_directory(spool: Spool) -> None:
     os.utime(stale, (old, old))
     spool.clean_tmp(max_age=3600)
     assert not stale.exists()
+
+
+@pytest.mark.parametrize(
+    ("sender", "body", "expected"),
+    [
+        ("a@b", b"plain ascii\r\n", False),
+        ("a@b", b"caf\xc3\xa9\r\n", True),
+        ("a@b", b"\x80", True),
+        ("a@b", b"\x7f\x00\t\r\n", False),  # DEL and NUL are 7-bit
+        ("caf\u00e9@example.org", b"ascii only\r\n", False),  # the envelope is not the message
+        ("a@b", b"x" * (64 * 1024 - 1) + b"\xff", True),  # the last byte of the first chunk
+        ("a@b", b"x" * (64 * 1024) + b"\xff", True),  # the first byte of the second
+        ("a@b", b"x" * (3 * 64 * 1024 + 17) + b"\xe9yz", True),
+        ("a@b", b"x" * (3 * 64 * 1024 + 17), False),
+    ],
+    ids=lambda v: None if isinstance(v, bool) else repr(v[:24]),
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["bytes", "stream"])
+def test_enqueue_records_an_8bit_message_in_the_file_mode(
+    spool: Spool, sender: str, body: bytes, expected: bool, stream: bool
+) -> None:
+    message = b"Subject: s\r\n\r\n" + body
+    qid = spool.enqueue(sender, ["c@d"], io.BytesIO(message) if stream else message)
+    assert layout.is_8bit(os.stat(spool.dir(OUTGOING) / qid).st_mode) is expected
+    assert stat.S_IMODE(os.stat(spool.dir(OUTGOING) / qid).st_mode) & 0o077 == 0
+    c = claim_one(spool)
+    assert c.eight_bit is expected
+
+
+def test_an_adopted_file_gets_its_8bit_mode(spool: Spool) -> None:
+    drop(spool, "from-elsewhere", b"a@b\nc@d\nSubject: s\n\n" + b"x" * 70000 + b"\xe9\n")
+    (e,) = spool.scan()
+    assert layout.is_8bit(os.stat(spool.dir(OUTGOING) / e.name).st_mode)
+    assert claim_one(spool).eight_bit

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from greenmail import confcheck, config, logfmt, queuefile
 from greenmail.errors import ConfigError
 from greenmail.metrics import Metrics
-from greenmail.workers import MergedRegistry, Supervisor, parse_worker, share_config, snapshot
+from greenmail.workers import Reports, Supervisor, parse_worker, share_config
 
 
 def test_share_is_crc32_of_the_id_and_spreads_the_queue() -> None:
@@ -90,20 +90,26 @@ def samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def busy_metrics(delivered: int, oldest: float, active: int) -> Metrics:
     m = Metrics(max_connections=10)
-    m.attempts.labels(result="delivered").inc(delivered)
-    m.replies.labels(stage="rcpt", code="250").inc(delivered)
-    m.delay.observe(0.3)
-    m.active.set(active)
-    m.oldest.set(oldest)
+    m.count("attempt", "delivered", delivered)
+    for _ in range(delivered):
+        m.reply("rcpt", 250)
+    m.observe("delay", 0.3)
+    m.active = active
+    m.queue_gauges = lambda: ({"queued": 1}, oldest)
     return m
+
+
+def merged(parent: Metrics) -> Reports:
+    reports = Reports()
+    parent.others = reports.snapshots
+    return reports
 
 
 def test_merged_metrics_sum_counters_histograms_and_gauges_and_keep_the_earliest() -> None:
     parent, child = busy_metrics(5, 2000.0, 1), busy_metrics(7, 1000.0, 2)
-    child.replies.labels(stage="rcpt", code="499").inc()  # a reply only the child has seen
-    child.max_connections.set(5)  # a child's share: not shown
-    merged = parent.exposed = MergedRegistry(parent.registry)
-    merged.children[1] = snapshot(child.registry)
+    child.reply("rcpt", 499)  # a reply only the child has seen
+    child.max_connections = 5  # a child's share: not shown
+    merged(parent).children[1] = child.snapshot()
     got = samples(parent.render())
     assert got[("greenmail_delivery_attempts_total", (("result", "delivered"),))] == 12
     assert got[("greenmail_smtp_replies_total", (("code", "250"), ("stage", "rcpt")))] == 12
@@ -112,6 +118,7 @@ def test_merged_metrics_sum_counters_histograms_and_gauges_and_keep_the_earliest
     assert got[("greenmail_delivery_delay_seconds_bucket", (("le", "0.5"),))] == 2
     assert got[("greenmail_connections_active", ())] == 3
     assert got[("greenmail_connections_max", ())] == 10
+    assert got[("greenmail_spool_messages", (("state", "queued"),))] == 2
     assert got[("greenmail_spool_oldest_message_timestamp_seconds", ())] == 1000.0
     assert got[("greenmail_build_info", (("version", parent_version()),))] == 1
 
@@ -124,17 +131,16 @@ def parent_version() -> str:
 
 def test_an_idle_child_does_not_make_the_oldest_message_zero() -> None:
     parent, child = busy_metrics(0, 2000.0, 0), busy_metrics(0, 0.0, 0)
-    merged = parent.exposed = MergedRegistry(parent.registry)
-    merged.children[1] = snapshot(child.registry)
+    merged(parent).children[1] = child.snapshot()
     assert samples(parent.render())[("greenmail_spool_oldest_message_timestamp_seconds", ())] == 2000.0
 
 
 def test_a_dead_childs_counters_stay_and_its_gauges_go() -> None:
     parent = busy_metrics(1, 0.0, 0)
-    merged = parent.exposed = MergedRegistry(parent.registry)
-    merged.children[1] = snapshot(busy_metrics(4, 0.0, 3).registry)
-    merged.retire(1)
-    merged.children[1] = snapshot(busy_metrics(2, 0.0, 1).registry)  # the new child starts from 0
+    reports = merged(parent)
+    reports.children[1] = busy_metrics(4, 0.0, 3).snapshot()
+    reports.retire(1)
+    reports.children[1] = busy_metrics(2, 0.0, 1).snapshot()  # the new child starts from 0
     got = samples(parent.render())
     assert got[("greenmail_delivery_attempts_total", (("result", "delivered"),))] == 7
     assert got[("greenmail_connections_active", ())] == 1
@@ -144,8 +150,16 @@ def test_a_dead_childs_counters_stay_and_its_gauges_go() -> None:
 def test_merged_output_is_the_plain_registry_without_children() -> None:
     parent = busy_metrics(3, 5.0, 1)
     before = generate_latest(parent.registry)
-    parent.exposed = MergedRegistry(parent.registry)
+    merged(parent)
     assert samples(parent.render()).keys() == samples(before).keys()
+
+
+def test_a_snapshot_goes_through_json() -> None:
+    import json
+
+    child = busy_metrics(2, 10.0, 1)
+    child.reply("data", None)
+    assert json.loads(json.dumps(child.snapshot())) == child.snapshot()
 
 
 def test_log_pieces_fit_a_pipe_write_and_keep_every_line() -> None:
@@ -160,7 +174,7 @@ def test_log_pieces_fit_a_pipe_write_and_keep_every_line() -> None:
 def test_a_child_that_cannot_start_is_reported(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    sup = Supervisor(2, [], MergedRegistry(Metrics().registry), once=False, grace=1)
+    sup = Supervisor(2, [], Reports(), once=False, grace=1)
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
     status = sup._run_child(1)
     assert isinstance(status, str) and status.startswith("not started:")
@@ -168,7 +182,7 @@ def test_a_child_that_cannot_start_is_reported(
 
 
 def test_missing_lists_the_children_not_running() -> None:
-    sup = Supervisor(3, [], MergedRegistry(Metrics().registry), once=False, grace=1)
+    sup = Supervisor(3, [], Reports(), once=False, grace=1)
     running = subprocess.Popen(["sleep", "30"])
     ended = subprocess.Popen(["true"])
     ended.wait()

@@ -1,9 +1,8 @@
-"""The light enqueue modules give what the pathlib/re versions they replaced gave.
+"""The spool's layout (layout.py) and the writer's added headers (dropoff.py).
 
-dropoff.py (added headers, host name, spool directories) and purepath.py
-(path strings) are written without re and pathlib so that ``greenmail
-enqueue`` starts fast; each is checked here against the heavier expression of
-the same rule, on generated inputs.
+The added headers and the host name are written without re (the submission
+path is light); each is checked here against the regular expression of the
+same rule, on generated inputs. Directory creation gives pathlib's words.
 """
 
 from __future__ import annotations
@@ -11,13 +10,13 @@ from __future__ import annotations
 import os
 import re
 import stat
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from greenmail import dropoff, purepath
+from greenmail import dropoff, layout
 from greenmail.errors import GreenmailError
 from greenmail.spool import Spool
 
@@ -38,7 +37,7 @@ def added_headers_by_regex(head: bytes, qid: str, date: bytes) -> bytes:
     if not re.search(rb"\ndate:", block, re.IGNORECASE):
         lines.append(b"Date: " + date)
     if not re.search(rb"\nmessage-id:", block, re.IGNORECASE):
-        lines.append(f"Message-ID: <{qid}@{dropoff.HOST}>".encode())
+        lines.append(f"Message-ID: <{qid}@{layout.HOST}>".encode())
     if not lines:
         return b""
     out = eol.join(lines) + eol
@@ -79,36 +78,19 @@ def test_host_name_matches_the_regex_version(name: str) -> None:
     light = "".join(c if c.isascii() and (c.isalnum() or c in ".-") else "-" for c in name) or "localhost"
     assert light == by_regex
     # and the module's own HOST is that rule applied to this machine's name
-    assert (re.sub(r"[^A-Za-z0-9.-]", "-", os.uname().nodename) or "localhost") == dropoff.HOST
+    assert (re.sub(r"[^A-Za-z0-9.-]", "-", os.uname().nodename) or "localhost") == layout.HOST
 
 
-# -- purepath: pathlib's spelling ---------------------------------------------------------------
-
-PATH_PIECES = ["", "/", "//", "///", ".", "..", "a", "b c", "\u00e9", "./", "a/", "x.y"]
-PATHS = st.lists(st.sampled_from(PATH_PIECES), max_size=6).map("".join)
-
-
-@given(p=PATHS)
-def test_pure_and_parent_match_pathlib(p: str) -> None:
-    assert purepath.pure(p) == str(PurePosixPath(p))
-    assert purepath.parent(p) == str(PurePosixPath(p).parent)
-
-
-@given(base=PATHS, p=PATHS)
-def test_join_matches_pathlib(base: str, p: str) -> None:
-    assert purepath.join(base, p) == str(PurePosixPath(base) / p)
-
-
-# -- dropoff.ensure: Path.mkdir step for step ----------------------------------------------------
+# -- layout.ensure and Spool.ensure ------------------------------------------------------------
 
 
 def test_ensure_creates_missing_parents_and_every_directory(tmp_path: Path) -> None:
     spool = tmp_path / "a" / "b" / "spool"
-    dropoff.ensure(str(spool))
-    assert sorted(p.name for p in spool.iterdir()) == sorted(dropoff.DIRS)
-    for d in (spool, *(spool / n for n in dropoff.DIRS)):
+    Spool(spool).ensure()
+    assert sorted(p.name for p in spool.iterdir()) == sorted(layout.DIRS)
+    for d in (spool, *(spool / n for n in layout.DIRS)):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
-    dropoff.ensure(str(spool))  # idempotent
+    Spool(spool).ensure()  # idempotent
 
 
 @pytest.mark.parametrize("file_at", ["spool", "spool/..", "spool/../.."])
@@ -121,9 +103,49 @@ def test_ensure_error_is_the_one_pathlib_gave(tmp_path: Path, file_at: str) -> N
     with pytest.raises(OSError) as by_pathlib:
         target.mkdir(mode=0o700, parents=True, exist_ok=True)
     expected = f"spool {target}: cannot create: {by_pathlib.value.strerror}"
-    with pytest.raises(GreenmailError) as light:
-        dropoff.ensure(str(target))
-    assert str(light.value) == expected
     with pytest.raises(GreenmailError) as spool:
         Spool(target).ensure()
     assert str(spool.value) == expected
+
+
+# -- layout.rename_new: never replaces ------------------------------------------------------------
+
+
+def test_rename_new_moves_a_file(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("a")
+    layout.rename_new(tmp_path / "a", tmp_path / "b")
+    assert sorted(os.listdir(tmp_path)) == ["b"] and (tmp_path / "b").read_text() == "a"
+
+
+def test_rename_new_refuses_to_replace(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("new")
+    (tmp_path / "b").write_text("old")
+    with pytest.raises(FileExistsError):
+        layout.rename_new(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "a").read_text() == "new" and (tmp_path / "b").read_text() == "old"
+
+
+def test_rename_new_without_renameat2_links_and_unlinks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layout._noreplace(), "_fn", None)  # a C library without renameat2
+    (tmp_path / "a").write_text("new")
+    (tmp_path / "b").write_text("old")
+    with pytest.raises(FileExistsError):
+        layout.rename_new(tmp_path / "a", tmp_path / "b")
+    layout.rename_new(tmp_path / "a", tmp_path / "c")
+    assert sorted(os.listdir(tmp_path)) == ["b", "c"] and (tmp_path / "c").read_text() == "new"
+
+
+def test_rename_new_of_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        layout.rename_new(tmp_path / "gone", tmp_path / "b")
+
+
+def test_own_ids_and_their_time() -> None:
+    qid = layout.new_id()
+    assert layout.is_own_id(qid) and len(qid) == 24
+    t = layout.id_time(qid)
+    assert t is not None and abs(t - __import__("time").time()) < 5
+    for other in ("msg.4242", "abc", qid.lower(), qid + "0", ""):
+        assert not layout.is_own_id(other) and layout.id_time(other) is None

@@ -1,0 +1,31 @@
+"""Which queue backend a configuration names, opened for the commands or for the daemon.
+
+Owns: choosing and building the queue implementation (today the maildir
+spool; a shared PostgreSQL queue is planned) behind the interfaces of
+queue.py, so that the CLI and the daemon never name a backend's module.
+Must not touch: what the backends do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from greenmail.config import Config
+from greenmail.queue import DeliveryQueue, QueueAdmin
+
+
+def admin_queue(cfg: Config) -> QueueAdmin:
+    """The queue for enqueue and the operator's commands, created where missing (else SpoolError)."""
+    from greenmail.spool import Spool
+
+    spool = Spool(cfg.spool.path)
+    spool.ensure()
+    return spool
+
+
+def delivery_queue(cfg: Config, offload: Any, worker: tuple[int, int]) -> DeliveryQueue:
+    """The queue as one delivery process of the daemon sees it."""
+    from greenmail.spool import Spool
+    from greenmail.spoolqueue import SpoolQueue
+
+    return SpoolQueue(Spool(cfg.spool.path), offload, worker=worker)

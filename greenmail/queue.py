@@ -1,0 +1,175 @@
+"""The queue interface: what delivery, the scheduler and the commands ask of a queue backend.
+
+Owns: the types every backend shares (a message's delivery ``State``, the
+``Claim`` a session delivers, the ``MessageInfo`` of a listing) and the two
+interfaces: ``QueueAdmin`` (enqueue and the operator's commands, blocking
+calls, as the CLI makes them) and ``DeliveryQueue`` (taking and settling
+claims, wake-ups and housekeeping, as the daemon's greenlets make them).
+The maildir spool (spool.py, spoolqueue.py) is one backend.
+Must not touch: files, sockets, SMTP, gevent, metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import BinaryIO, Protocol
+
+from greenmail.errors import CorruptQueueFile
+
+SETTLED = ("delivered", "failed")  # a recipient in one of these states is never tried again
+
+
+@dataclass
+class State:
+    """Delivery state of one message.
+
+    ``recipients`` records the recipients that are settled for good
+    ("delivered" or "failed"); any other recipient is still to be tried.
+    ``errors`` holds each recipient's last reply; ``bounced`` lists the failed
+    recipients the sender was already told about; ``warned`` is set once a
+    "still trying" notice went out.
+    """
+
+    recipients: dict[str, str] = field(default_factory=dict)
+    last_error: str | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+    bounced: list[str] = field(default_factory=list)
+    warned: bool = False
+
+    def pending(self, recipients: Iterable[str]) -> tuple[str, ...]:
+        return tuple(r for r in recipients if r not in self.recipients)
+
+    def unreported_failures(self) -> list[str]:
+        return [r for r, s in self.recipients.items() if s == "failed" and r not in self.bounced]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> State:
+        try:
+            raw = json.loads(data)
+            return cls(
+                dict(raw.get("recipients", {})),
+                raw.get("last_error"),
+                dict(raw.get("errors", {})),
+                list(raw.get("bounced", [])),
+                bool(raw.get("warned", False)),
+            )
+        except (ValueError, AttributeError, TypeError):
+            raise CorruptQueueFile("unreadable delivery state") from None
+
+
+@dataclass(eq=False)
+class Claim:
+    """A message taken for one delivery attempt. Only its queue moves it; the outbox updates ``state``."""
+
+    id: str
+    sender: str  # "" is the null sender
+    recipients: tuple[str, ...]
+    state: State
+    size: int  # message bytes
+    queued_at: float
+    attempts: int  # attempts before this one
+    eight_bit: bool  # the message has bytes outside ASCII (recorded at enqueue)
+    settled: bool = False  # delivered, requeued or failed: nothing more may happen to it
+
+    def pending(self) -> tuple[str, ...]:
+        """The recipients still to be tried."""
+        return self.state.pending(self.recipients)
+
+    def open_body(self) -> BinaryIO:
+        """The message, read from its start (blocking I/O for a big message)."""
+        raise NotImplementedError
+
+    def read_head(self, limit: int) -> bytes:
+        """The first ``limit`` bytes of the message (for notifications); blocking I/O."""
+        with self.open_body() as f:
+            return f.read(limit)
+
+
+@dataclass
+class MessageInfo:
+    """One message as ``greenmail queue list`` shows it."""
+
+    id: str
+    state: str  # queued | deferred | active | failed | held
+    sender: str
+    recipients: list[str]
+    size: int
+    attempts: int
+    queued_at: str
+    next_attempt: str | None
+    last_error: str | None
+    recipient_states: dict[str, str]
+
+    def as_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+Message = tuple[str, Sequence[str], bytes | BinaryIO]  # (sender, recipients, the message)
+
+
+class QueueAdmin(Protocol):
+    """Enqueue and the operator's commands; blocking calls, safe while daemons run."""
+
+    def enqueue(self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO) -> str: ...
+
+    def enqueue_many(self, messages: Iterable[Message]) -> list[str]: ...
+
+    def list(self) -> list[MessageInfo]: ...
+
+    def show(self, qid: str) -> tuple[MessageInfo, BinaryIO]: ...  # NotFound
+
+    def delete(self, qid: str) -> None: ...  # NotFound, MessageBusy
+
+    def delete_failed(self) -> int: ...
+
+    def hold(self, qid: str) -> bool: ...  # False: was held already
+
+    def release_hold(self, qid: str) -> bool: ...  # False: was not held
+
+    def retry(self, qid: str) -> bool: ...  # False: was due already
+
+    def retry_all(self) -> int: ...
+
+    def wake(self) -> None: ...  # running daemons look at the queue now, the relay's outage forgotten
+
+
+class DeliveryQueue(Protocol):
+    """The daemon's side: claims, their settlement, wake-ups and housekeeping (greenlet calls)."""
+
+    stopping: bool  # once set, take() gives nothing more
+    where: str  # for the start-up line, e.g. "spool=/var/spool/greenmail"
+
+    def open(self) -> int: ...  # before delivery: set up, announce this daemon, recover; claims returned
+
+    def close(self) -> None: ...
+
+    def problem(self) -> str | None: ...  # why the queue cannot take mail now (for /healthz), if so
+
+    def refresh(self) -> int: ...  # the periodic full look; returns how many are due
+
+    def due(self) -> int: ...
+
+    def next_due(self) -> float | None: ...  # when the next waiting message becomes due
+
+    def take(self) -> Claim | None: ...
+
+    def take_older(self, than: float) -> list[Claim]: ...  # due messages enqueued before ``than``
+
+    def settle(self, claim: Claim, next_at: float) -> str: ...  # "delivered" | "deferred" | "failed"
+
+    def release(self, claim: Claim) -> None: ...  # back untouched, due as before
+
+    def enqueue(self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO) -> str: ...
+
+    def watch(self, woken: Callable[[], None], poked: Callable[[], None]) -> None: ...  # runs forever
+
+    def maintain(self) -> None: ...  # recovery of dead claims, stale files, unsettled claims
+
+    def gauges(self) -> tuple[dict[str, int], float]: ...  # messages by state, oldest enqueue time
+
+    def flush(self) -> None: ...  # everything settled so far is durable
