@@ -139,7 +139,9 @@ class _NoReplace:
         try:
             import ctypes  # loaded once per process, on the first rename
 
-            libc = ctypes.CDLL(None, use_errno=True)
+            libc = ctypes.PyDLL(
+                None, use_errno=True
+            )  # PyDLL: the GIL is kept (a release costs more than the call)
             self._fn = libc.renameat2
             self._get_errno = ctypes.get_errno
         except (OSError, AttributeError):

@@ -90,8 +90,10 @@ class Outbox:
         Returns "delivered", "deferred" or "failed" (the attempt's result).
         """
         attempt = attempt or Attempt()
+        results = attempt.results
         if (
-            attempt.count("delivered") == len(attempt.results) == len(claim.pending())
+            all(r == "delivered" for r, _ in results.values())
+            and len(results) == len(claim.recipients) - len(claim.state.recipients)
             and "failed" not in claim.state.recipients.values()
         ):
             return self._finish(claim, attempt)  # delivered: nothing in it can switch, so no kill lands
@@ -125,7 +127,7 @@ class Outbox:
             self.metrics.count("recipient", result)
         if attempt.error is not None:
             state.last_error = attempt.error
-        if attempt.count("delivered"):
+        if any(r == "delivered" for r, _ in attempt.results.values()):
             self.metrics.observe("delay", max(0.0, time.time() - claim.queued_at))
 
     def release(self, claim: Claim, reason: str) -> None:

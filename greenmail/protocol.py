@@ -101,6 +101,8 @@ def raise_protocol(stage: Stage, reply: Reply) -> None:
 
 
 class Phase(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: identity is equality, and this hash is C's
+
     GREETING = "greeting"  # waiting for the banner
     HELLO = "hello"  # greeted: EHLO (or HELO) is next
     READY = "ready"  # no transaction open
@@ -118,6 +120,8 @@ class Phase(enum.Enum):
 
 class Cmd(enum.Enum):
     """What the client sends (and BANNER: what it waits for first)."""
+
+    __hash__ = object.__hash__  # see Phase
 
     BANNER = "banner"
     EHLO = "ehlo"
@@ -229,11 +233,12 @@ class Client:
         self.parser = wire.ReplyParser()
         self.extensions: dict[str, str] = {}
         self.allow_pipelining = pipelining
+        self.pipelining = False  # allowed, and offered by the relay's EHLO
         self.closing: Reply | None = None  # the relay said 421: nothing more is read or sent
 
-    @property
-    def pipelining(self) -> bool:
-        return self.allow_pipelining and "PIPELINING" in self.extensions
+    def _offered(self, extensions: dict[str, str]) -> None:
+        self.extensions = extensions
+        self.pipelining = self.allow_pipelining and "PIPELINING" in extensions
 
     def can_send(self, cmd: Cmd) -> bool:
         """Whether ``cmd`` may go now: legal in this phase, and nothing blocks it."""
@@ -254,6 +259,8 @@ class Client:
             raise ProtocolError("the relay sent a reply ahead of the command", stage.label if stage else "")
         self.phase = SEND[(self.phase, cmd)]
         self.expected.append(Expect(cmd, txn, rcpt))
+        if txn is not None:
+            txn.outstanding += 1
         return line
 
     def body(self) -> None:
@@ -275,10 +282,12 @@ class Client:
             self.phase = Phase.CLOSED
             raise ProtocolError(f"a reply no command asked for: {reply}")
         expect = self.expected.popleft()
+        if expect.txn is not None:
+            expect.txn.outstanding -= 1
         if not self.expected and (after := AFTER_REPLY.get((expect.cmd, reply.cls))) is not None:
             self.phase = after
         if expect.cmd is Cmd.EHLO and reply.cls == 2:
-            self.extensions = _extensions(reply)
+            self._offered(_extensions(reply))
         if reply.code == 421:  # RFC 5321 3.8: the relay is closing the connection
             self.closing = reply
             self.phase = Phase.CLOSED
@@ -291,7 +300,7 @@ class Client:
         if self.parser.pending:  # bytes sent before the handshake must not count as TLS-protected
             raise ProtocolError("the relay sent data after its STARTTLS reply", "starttls")
         self.parser = wire.ReplyParser()
-        self.extensions = {}
+        self._offered({})
         self.phase = Phase.HELLO
 
     def implicit_tls(self) -> None:
@@ -299,7 +308,7 @@ class Client:
         self.parser = wire.ReplyParser()
 
     def awaiting(self, txn: Transaction) -> bool:
-        return any(e.txn is txn for e in self.expected)
+        return txn.outstanding > 0
 
 
 def _extensions(reply: Reply) -> dict[str, str]:
@@ -352,6 +361,7 @@ class Transaction:
     planned: deque[Planned] = field(default_factory=deque)
     ahead: bool = False
     answered: int = 0  # replies received
+    outstanding: int = 0  # replies expected (commands sent, not yet answered)
     final_sent: bool = False  # the final dot (or BDAT LAST) went out
     final: Reply | None = None  # the reply that ended the message (to the final dot, or a refused chunk)
     mail_ok: bool = True

@@ -81,8 +81,13 @@ class Claim:
         return self.state.pending(self.recipients)
 
     def open_body(self) -> BinaryIO:
-        """The message, read from its start (blocking I/O for a big message)."""
+        """The message, read from its start (blocking I/O, unless ``in_memory``)."""
         raise NotImplementedError
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the message is held in memory: opening and reading it never blocks."""
+        return False
 
     def read_head(self, limit: int) -> bytes:
         """The first ``limit`` bytes of the message (for notifications); blocking I/O."""

@@ -15,7 +15,6 @@ queue decide), the schedule.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections import deque
@@ -69,16 +68,13 @@ class Session:
         self.limiter = limiter
         self.offload = offload
         self.conn = Connection(transport)
+        self.client = self.conn.client  # the connection's protocol state (a new one per connect)
         self._sent = 0  # messages delivered on this connection
         self._inflight: deque[Taken] = deque()  # taken, in order; the head is being delivered
 
     @property
     def relay(self) -> str:
         return self.conn.relay
-
-    @property
-    def client(self) -> Any:
-        return self.conn.client
 
     def run(self) -> None:
         started = time.monotonic()
@@ -90,6 +86,7 @@ class Session:
                 log.warning("connect to %s: %s", self.relay, e)
                 self.on_greeted(False)
                 return
+            self.client = self.conn.client
             self._deliver_all()
         finally:
             self.conn.close()
@@ -273,10 +270,10 @@ class Session:
 
     def _open_body(self, claim: Claim) -> tuple[BinaryIO, Callable[[BinaryIO, int], bytes]]:
         """The message, and how to read it: off the hub unless it is in memory."""
-        f = claim.open_body() if self.offload is None else self.offload(claim.open_body)
-        if self.offload is None or isinstance(f, io.BytesIO):
-            return f, _read_here
-        return f, lambda fh, size: self.offload(fh.read, (size,))
+        offload = self.offload
+        if offload is None or claim.in_memory:
+            return claim.open_body(), _read_here
+        return offload(claim.open_body), lambda fh, size: offload(fh.read, (size,))
 
     def _dot_body(self, claim: Claim, txn: Transaction) -> None:
         self.metrics.stage("message")

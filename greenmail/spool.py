@@ -56,6 +56,10 @@ class SpoolClaim(Claim):
     body: bytes | None = None  # a small message, read with the envelope (no second open)
     has_meta: bool = False  # a state file exists in meta/
 
+    @property
+    def in_memory(self) -> bool:
+        return self.body is not None
+
     def open_body(self) -> BinaryIO:
         if self.body is not None:
             return io.BytesIO(self.body)
@@ -146,8 +150,8 @@ class Spool:
         Raises CorruptQueueFile after moving an unreadable file to corrupt/.
         """
         path = f"{self._active}/{entry.name}@{self.owner}"  # strings: this runs per message
-        try:
-            rename_new(f"{self._outgoing}/{entry.name}", path)
+        try:  # os.rename: the target carries this daemon's unique name, no other file can be there
+            os.rename(f"{self._outgoing}/{entry.name}", path)
         except FileNotFoundError:
             return None
         try:
@@ -233,10 +237,10 @@ class Spool:
         """
         name = os.path.basename(claim.path)
         gone = [f"{self._tmp}/{DONE_PREFIX}{name}"]
-        rename_new(claim.path, gone[0])
+        os.rename(claim.path, gone[0])  # as in claim(): a name only this daemon makes
         if claim.has_meta:
             with contextlib.suppress(FileNotFoundError):
-                rename_new(f"{self._meta}/{claim.id}.json", f"{self._tmp}/{DONE_PREFIX}{name}.json")
+                os.rename(f"{self._meta}/{claim.id}.json", f"{self._tmp}/{DONE_PREFIX}{name}.json")
                 gone.append(f"{self._tmp}/{DONE_PREFIX}{name}.json")
         return gone
 

@@ -203,31 +203,27 @@ class SpoolQueue:
         """
         assert isinstance(claim, SpoolClaim)
         claim.settled = True
-        if claim.pending():
-            result = "deferred"
-        else:
-            result = "failed" if "failed" in claim.state.recipients.values() else "delivered"
-        self._write(claim, next_at, True)
-        return result
+        pending = bool(claim.pending())
+        failed = "failed" in claim.state.recipients.values()
+        if not pending and not failed:
+            self._retire(claim)
+            return "delivered"
+        self._write(claim, next_at, True, pending)
+        return "deferred" if pending else "failed"
 
     def release(self, claim: Claim) -> None:
         """Put a claim back untouched: no attempt counted, due as before."""
         assert isinstance(claim, SpoolClaim)
         claim.settled = True
-        self._write(claim, claim.entry.next_at, False)
+        self._write(claim, claim.entry.next_at, False, True)
 
-    def _write(self, claim: SpoolClaim, next_at: float, attempt: bool) -> None:
-        """Move a settled claim where its state says; on failure keep it for ``maintain``."""
-        if attempt and not claim.pending() and "failed" not in claim.state.recipients.values():
-            self._retire(claim)
-            return
+    def _write(self, claim: SpoolClaim, next_at: float, attempt: bool, back: bool) -> None:
+        """Put a settled claim back in outgoing/ (``back``) or into failed/; if that fails, keep it."""
         try:
-            if claim.pending() or not attempt:
+            if back:
                 state = bool(claim.state.recipients or claim.state.last_error)
-                requeue = self.spool.requeue
-                self._add(
-                    [self.offload(requeue, (claim, int(next_at)), {"attempt": attempt, "state": state})]
-                )
+                kwargs = {"attempt": attempt, "state": state}
+                self._add([self.offload(self.spool.requeue, (claim, int(next_at)), kwargs)])
             else:
                 self.offload(self.spool.fail, (claim,))
                 self._listed["failed"] += 1
@@ -282,7 +278,13 @@ class SpoolQueue:
     def maintain(self) -> None:
         """The periodic housekeeping: unsettled claims, stale files, dead daemons' claims, counts."""
         for claim, next_at, attempt in list(self._unsettled.values()):
-            self._write(claim, next_at, attempt)
+            if not os.path.exists(claim.path):  # the move itself was done; what failed came after it
+                self._unsettled.pop(claim.id, None)
+                self._claims.pop(claim.id, None)
+            elif attempt and not claim.pending() and "failed" not in claim.state.recipients.values():
+                self._retire(claim)
+            else:
+                self._write(claim, next_at, attempt, not attempt or bool(claim.pending()))
         self.offload(self.spool.clean_tmp)
         self.offload(self.spool.recover)
         self.offload(self.spool.keep_owner)
