@@ -67,7 +67,14 @@ class RelayConfig:
         """The AUTH password from password_file (first line) or password_env; never logged."""
         if self.password_file is not None:
             try:
-                lines = self.password_file.read_text().splitlines()
+                with open(self.password_file) as f:
+                    mode = os.fstat(f.fileno()).st_mode
+                    if mode & 0o006:  # as ssh refuses a private key others may read
+                        raise ConfigError(
+                            f"relay.password_file: {self.password_file} can be read or written by every "
+                            f"user (mode {mode & 0o777:04o}); make it private: chmod 600 (or 640 for a group)"
+                        )
+                    lines = f.read().splitlines()
             except OSError as e:
                 raise ConfigError(f"relay.password_file: cannot read it: {e.strerror}") from None
             return lines[0] if lines else ""

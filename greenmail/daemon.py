@@ -35,6 +35,7 @@ from greenmail.workers import Link, Reports, Supervisor, share_config
 
 log = logging.getLogger("greenmail")
 LOG_INTERVAL = 0.2  # seconds: how long a log line may wait to be written with others
+HARMLESS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)  # logged, never fatal (SIGPIPE: ignored)
 
 
 def offload(fn: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
@@ -131,6 +132,8 @@ class Daemon:
         """Run until stopped (or, with --once, until the pass is over); the exit code."""
         for sig in (signal.SIGTERM, signal.SIGINT):  # first: a signal now still stops cleanly
             gevent.signal_handler(sig, self._on_signal, sig)
+        for sig in HARMLESS:  # an operator's habit must never kill the daemon
+            gevent.signal_handler(sig, self._on_harmless, sig)
         moved = self.queue.open()
         try:
             if self.worker[0]:
@@ -179,6 +182,9 @@ class Daemon:
         log.info("signal %s: stopping", signal.Signals(sig).name)
         self._signalled.set()
         self._stop.set()
+
+    def _on_harmless(self, sig: int) -> None:
+        log.info("signal %s: nothing to do (greenmail goes on)", signal.Signals(sig).name)
 
     def _fatal_error(self, greenlet: gevent.Greenlet) -> None:
         self._fatal = greenlet.exception

@@ -21,6 +21,8 @@ _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?\Z", re.DOTALL)
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
 _FORBIDDEN = re.compile(r"[\r\n\x00]")
 _EOL = re.compile(rb"\r\n|\r|\n")
+MAX_TEXT_LINE = 998  # RFC 5321 4.5.3.1.6: 1,000 octets with the CRLF
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_TEXT_LINE + 1))
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,9 @@ def rcpt_to(recipient: str) -> bytes:
 class LineNormaliser:
     """Streams a message body with CR, LF and CRLF all made CRLF (for BDAT).
 
+    A line longer than 998 octets is broken by inserting CRLF and a space
+    (Postfix's smtp_line_length_limit does the same: the least damage to MIME
+    mail), so that no line on the wire exceeds RFC 5321's 1,000 octets.
     State is kept across chunks, so any chunking of the input gives the same
     output. ``finish()`` ends an unterminated last line.
     """
@@ -137,6 +142,7 @@ class LineNormaliser:
     def __init__(self) -> None:
         self._line_start = True
         self._held_cr = False
+        self._col = 0  # octets of the current line sent so far
 
     def feed(self, chunk: bytes) -> bytes:
         if self._held_cr:
@@ -153,12 +159,36 @@ class LineNormaliser:
             out = chunk
         else:
             out = _EOL.sub(b"\r\n", chunk)
-        out = self._transform(out)
+        out = self._transform(self._fold(out))  # folded as the text is: a stuffed dot is not the text
         self._line_start = out.endswith(b"\r\n")
         return out
 
     def _transform(self, out: bytes) -> bytes:
         return out
+
+    def _fold(self, out: bytes) -> bytes:
+        """Break lines over MAX_TEXT_LINE octets (CRLF SP inserted); the common case is one search."""
+        first = out.find(b"\r\n")
+        head = first if first >= 0 else len(out)
+        if self._col + head <= MAX_TEXT_LINE and (first < 0 or not _LONG_LINE.search(out, first + 2)):
+            self._col = self._col + len(out) if first < 0 else len(out) - out.rfind(b"\n") - 1
+            return out
+        pieces = []
+        col = self._col
+        for i, line in enumerate(out.split(b"\r\n")):
+            if i:
+                pieces.append(b"\r\n")
+                col = 0
+            pos = 0
+            while len(line) - pos > MAX_TEXT_LINE - col:
+                take = MAX_TEXT_LINE - col
+                pieces += (line[pos : pos + take], b"\r\n ")
+                pos += take
+                col = 1
+            pieces.append(line[pos:])
+            col += len(line) - pos
+        self._col = col
+        return b"".join(pieces)
 
     def finish(self) -> bytes:
         tail = b""
@@ -169,6 +199,7 @@ class LineNormaliser:
         if not self._line_start:
             tail += b"\r\n"
             self._line_start = True
+        self._col = 0
         return tail
 
 
@@ -194,11 +225,19 @@ def stuff(data: bytes) -> bytes:
 
 
 def normalise(data: bytes) -> bytes:
-    """What arrives at the far end for ``data``: CRLF line endings, last line ended."""
+    """What arrives at the far end for ``data``: CRLF line endings, last line ended, long lines broken.
+
+    Written line by line, apart from the streaming LineNormaliser, so tests can hold one against the other.
+    """
     out = _EOL.sub(b"\r\n", data)
     if out and not out.endswith(b"\r\n"):
         out += b"\r\n"
-    return out
+    return b"\r\n".join(_folded(line) for line in out.split(b"\r\n"))
+
+
+def _folded(line: bytes) -> bytes:
+    n = MAX_TEXT_LINE
+    return b"\r\n ".join([line[:n], *(line[i : i + n - 1] for i in range(n, len(line), n - 1))])
 
 
 class DotUnstuffer:

@@ -66,6 +66,7 @@ class Harness:
             del raw["relay"]["host"], raw["relay"]["port"]
         if password is not None:
             (tmp_path / "password").write_text(password + "\n")
+            (tmp_path / "password").chmod(0o600)
             raw["relay"]["password_file"] = "password"
         self.cfg = from_dict(raw, base=tmp_path)
         self.spool = Spool(self.cfg.spool.path)

@@ -349,3 +349,16 @@ def test_schema_names_exactly_the_config_fields() -> None:
         confcheck.MIN_BACKOFF,
         confcheck.MAX_BACKOFF,
     )
+
+
+@pytest.mark.parametrize(("mode", "ok"), [(0o600, True), (0o640, True), (0o400, True), (0o644, False), (0o602, False)])
+def test_password_file_others_may_read_is_refused(tmp_path: Path, mode: int, ok: bool) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    pw.chmod(mode)
+    cfg = config.from_dict({"relay": {"username": "u", "password_file": "pw"}}, tmp_path)
+    if ok:
+        assert cfg.relay.password() == "secret"
+    else:
+        with pytest.raises(ConfigError, match=r"relay.password_file: .* can be read or written by every user"):
+            cfg.relay.password()

@@ -15,6 +15,7 @@ from greenmail.wire import (
     MAX_REPLY,
     DotStuffer,
     DotUnstuffer,
+    LineNormaliser,
     Reply,
     ReplyParser,
     command,
@@ -622,3 +623,38 @@ def test_dot_unstuffer_feed_line() -> None:
     assert u.size == len(u.data())
     assert u.feed_line(b".\r\n") is True
     assert u.data() == b"hello\r\n.dot\r\n\r\n"
+
+
+# -- long lines are broken at 998 octets (CRLF SP inserted), the same whatever the chunking ---------
+
+LONG_PIECES = st.sampled_from(
+    [b"x" * 997, b"y" * 998, b"z" * 999, b"w" * 1995, b"\n", b"\r\n", b"\r", b".", b"ab"]
+)
+LONG_BODIES = st.lists(LONG_PIECES, max_size=12).map(b"".join)
+
+
+@given(body=LONG_BODIES, cuts=st.lists(st.integers(min_value=0, max_value=6000), max_size=8))
+@example(body=b"a" * 2500 + b"\n", cuts=[998, 999])
+@example(body=b"." + b"b" * 997 + b"\n", cuts=[1])  # 998 octets of text: a stuffed dot does not fold it
+def test_long_lines_are_broken_the_same_whatever_the_chunking(body: bytes, cuts: list[int]) -> None:
+    for cls in (LineNormaliser, DotStuffer):
+        s = cls()
+        out, pos = b"", 0
+        for cut in sorted(set(cuts)):
+            out += s.feed(body[pos:cut])
+            pos = max(pos, cut)
+        out += s.feed(body[pos:]) + s.finish()
+        expected = normalise(body)
+        if cls is DotStuffer:
+            assert unstuff(out) == expected
+            lines = out.split(b"\r\n")
+            assert all(len(line) <= 998 or (line.startswith(b"..") and len(line) == 999) for line in lines)
+        else:
+            assert out == expected
+            assert all(len(line) <= 998 for line in out.split(b"\r\n"))
+
+
+def test_a_2500_octet_line_on_the_wire() -> None:
+    assert (
+        normalise(b"a" * 2500 + b"\n") == b"a" * 998 + b"\r\n " + b"a" * 997 + b"\r\n " + b"a" * 505 + b"\r\n"
+    )
