@@ -30,6 +30,8 @@ def table(infos: list[MessageInfo]) -> Iterator[str]:
             yield f"{'':<26} {st:<9} <{rcpt}>"
         if i.last_error:
             yield f"{'':<26} ({i.last_error})"
+        if i.waiting:
+            yield f"{'':<26} (waiting: {i.waiting})"
     yield f"-- {len(infos)} message{'s' if len(infos) != 1 else ''}"
 
 

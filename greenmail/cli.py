@@ -203,7 +203,7 @@ def queue_retry(config_path: str | None, qid: str | None, retry_all: bool) -> No
         fail("queue retry: give a queue id or --all", EX_USAGE)
     if retry_all:
         n = _queue_call(config_path, _retry_all)
-        click.echo(f"{n} message{'s' if n != 1 else ''} due now")
+        click.echo(f"{n} message{'s' if n != 1 else ''} due now; a running daemon tries the whole queue now")
     else:
         changed = _queue_call(config_path, lambda q: q.retry(qid))
         click.echo(f"{qid}: {'due now' if changed else 'already due'}")

@@ -21,6 +21,7 @@ from typing import Any
 import gevent
 from gevent import GreenletExit
 from gevent.event import Event
+from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
 from greenmail import backends, logfmt
@@ -35,7 +36,20 @@ from greenmail.workers import Link, Reports, Supervisor, share_config
 
 log = logging.getLogger("greenmail")
 LOG_INTERVAL = 0.2  # seconds: how long a log line may wait to be written with others
+HTTP_CLIENTS = 16  # /metrics and /healthz connections served at once
+HTTP_TIMEOUT = 10.0  # seconds an HTTP client may be idle
 HARMLESS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)  # logged, never fatal (SIGPIPE: ignored)
+
+
+class _MetricsServer(WSGIServer):
+    """/metrics and /healthz: at most HTTP_CLIENTS at once (others wait to be accepted), idle ones dropped.
+
+    So HTTP clients cannot take the descriptors delivery needs.
+    """
+
+    def handle(self, sock: Any, address: Any) -> None:
+        sock.settimeout(HTTP_TIMEOUT)
+        super().handle(sock, address)
 
 
 def offload(fn: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
@@ -118,7 +132,13 @@ class Daemon:
             config.relay, config.timeouts, self.metrics, self.helo, self.throttle
         )
         self.scheduler = Scheduler(
-            config, self.queue, self.outbox, self.metrics, self._new_session, self.throttle
+            config,
+            self.queue,
+            self.outbox,
+            self.metrics,
+            self._new_session,
+            self.throttle,
+            reconnect=not once,
         )
         self.http: WSGIServer | None = None
         self._stop = Event()
@@ -202,11 +222,17 @@ class Daemon:
         if addr is None:
             return
         app = wsgi_app(self.metrics, self._healthy)
-        self.http = WSGIServer(addr, app, log=None, error_log=logging.getLogger("greenmail.http"))
+        error_log = logging.getLogger("greenmail.http")
+        self.http = _MetricsServer(addr, app, log=None, error_log=error_log, spawn=Pool(HTTP_CLIENTS))
         self.http.start()
         log.info("metrics on http://%s:%d/metrics", *self.http.address[:2])
 
     def _healthy(self) -> tuple[bool, str]:
+        for problem in (self.scheduler.problem, self.queue.problem()):
+            if problem is not None:
+                if "Too many open files" in problem:
+                    problem = f"out of file descriptors (ulimit -n): {problem}"
+                return False, problem
         last = self.scheduler.last_check
         age = time.time() - last
         limit = 3 * self.cfg.delivery.check_interval
@@ -214,9 +240,6 @@ class Daemon:
             return False, "no periodic check has run yet"
         if age > limit:
             return False, f"stale: last periodic check {age:.1f}s ago"
-        problem = self.queue.problem()
-        if problem is not None:
-            return False, problem
         missing = self.supervisor.missing() if self.supervisor is not None else []
         if missing:
             return False, f"delivery process {missing[0]}/{self.worker[1]} not running (restarting)"

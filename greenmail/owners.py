@@ -57,17 +57,22 @@ class Lock:
     """This daemon's liveness file, held (and put back when removed) until ``release``."""
 
     def __init__(self, spool: Path, owners: Path, owner: str) -> None:
+        self.spool = spool
         self.owners = owners
         self.owner = owner
         self.path = owners / f"{owner}.lock"
-        self._root = os.open(spool, os.O_RDONLY | os.O_DIRECTORY)
-        with contextlib.suppress(OSError, AttributeError):  # no byte-range locks here: the file alone
-            _range_lock(self._root, owner, fcntl.F_OFD_SETLK, fcntl.F_RDLCK)
+        self._root = self._lock_root()
         try:
             self.fd = self._create()
         except BaseException:
             os.close(self._root)
             raise
+
+    def _lock_root(self) -> int:
+        fd = os.open(self.spool, os.O_RDONLY | os.O_DIRECTORY)
+        with contextlib.suppress(OSError, AttributeError):  # no byte-range locks here: the file alone
+            _range_lock(fd, self.owner, fcntl.F_OFD_SETLK, fcntl.F_RDLCK)
+        return fd
 
     def _create(self) -> int:
         tmp = self.owners / f".{self.owner}.{os.urandom(4).hex()}.lock"
@@ -84,7 +89,10 @@ class Lock:
         return fd
 
     def keep(self) -> bool:
-        """Put the lock file back if it was removed or replaced; True when it had to be."""
+        """Put the lock file (and the byte lock of a remade spool) back if removed; True if it had to be."""
+        if _inode(self.spool) != _fd_inode(self._root):
+            old_root, self._root = self._root, self._lock_root()
+            os.close(old_root)
         try:
             st = os.stat(self.path)
             mine = os.fstat(self.fd)
@@ -104,6 +112,19 @@ class Lock:
                 os.unlink(self.path)
         os.close(self.fd)
         os.close(self._root)  # the byte lock goes with it
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _fd_inode(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 class Liveness:

@@ -109,6 +109,7 @@ class MessageInfo:
     next_attempt: str | None
     last_error: str | None
     recipient_states: dict[str, str]
+    waiting: str | None = None  # why a due message is not being sent (the relay's outage), if known
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
@@ -176,5 +177,7 @@ class DeliveryQueue(Protocol):
     def maintain(self) -> None: ...  # recovery of dead claims, stale files, unsettled claims
 
     def gauges(self) -> tuple[dict[str, int], float]: ...  # messages by state, oldest enqueue time
+
+    def relay_status(self, outage: tuple[float, str] | None) -> None: ...  # (since, why), or None: reachable
 
     def flush(self) -> None: ...  # everything settled so far is durable

@@ -1,11 +1,14 @@
 """The periodic check and the wake-ups: when to open SMTP sessions.
 
 Owns: the check every ``check_interval`` (the queue's full look, expiry,
-the queue's housekeeping, the heartbeat), acting on the queue's wake-ups (new
-mail, a poke from `queue retry`), how many sessions to open
-(min(due, max_connections - active)), and the seed's tries rule: after
-``connect_tries`` failed connects in one check, open nothing until the next.
-While no connect of this check has succeeded, only one session probes.
+the queue's housekeeping, the heartbeat; a check that fails on the file
+system is run again soon), acting on the queue's wake-ups (new mail, a poke
+from `queue retry`), how many sessions to open (min(due, max_connections -
+active)), and the seed's tries rule: after ``connect_tries`` failed connects
+in one check, open nothing more, but try again after a short wait that
+doubles up to ``check_interval`` (the relay's outage is told to the queue,
+so `queue list` can say why mail waits). While no connect of this check has
+succeeded, only one session probes.
 Must not touch: claims (sessions take them from the outbox), sockets, the
 queue's storage.
 """
@@ -21,14 +24,17 @@ from gevent.event import Event
 from gevent.pool import Pool
 
 from greenmail.config import Config
+from greenmail.errors import SpoolError
 from greenmail.metrics import Metrics
 from greenmail.outbox import Outbox
 from greenmail.queue import DeliveryQueue
 from greenmail.shaping import Throttle
 
 log = logging.getLogger("greenmail.scheduler")
+RECONNECT_FIRST = 1.0  # seconds before the first new try after a check's connects all failed (doubling)
+CHECK_RETRY = 1.0  # seconds before a failed periodic check runs again
 
-SessionFactory = Callable[[Callable[[bool], None]], Callable[[], None]]
+SessionFactory = Callable[[Callable[..., None]], Callable[[], None]]  # given on_greeted(ok, why)
 
 
 class Scheduler:
@@ -40,6 +46,7 @@ class Scheduler:
         metrics: Metrics,
         new_session: SessionFactory,
         throttle: Throttle | None = None,
+        reconnect: bool = True,
     ) -> None:
         self.cfg = config
         self.queue = queue
@@ -55,16 +62,35 @@ class Scheduler:
         self._greeted = False
         self._probing = 0
         self._starting = 0  # sessions opened that have not yet taken their first message
+        self.reconnect = reconnect  # after connect_tries failures: try again soon (not in --once)
+        self._retry: gevent.Greenlet | None = None
+        self._retry_delay = RECONNECT_FIRST
+        self.outage: tuple[float, str] | None = None  # (since, why) while the relay cannot be reached
+        self.problem: str | None = None  # why the last periodic check failed (for /healthz)
 
     # -- the loop ----------------------------------------------------------------
 
     def run(self) -> None:
-        """The periodic check, forever (until stop())."""
+        """The periodic check, forever (until stop()); a check that fails on the file system runs again soon.
+
+        (Out of file descriptors, the spool removed, a full disk: the daemon
+        goes on, /healthz says why, and delivery resumes when the cause goes.)
+        """
         interval = self.cfg.delivery.check_interval
         while not self.stopping:
-            self.check()
+            try:
+                self.check()
+                wait = self._sleep_time(interval)
+                if self.problem is not None:
+                    log.warning("the periodic check works again")
+                self.problem = None
+            except (OSError, SpoolError) as e:
+                if self.problem is None:
+                    log.error("the periodic check failed: %s; trying again every %gs", e, CHECK_RETRY)
+                self.problem = f"the periodic check failed: {e}"
+                wait = min(interval, CHECK_RETRY)
             self._tick.clear()
-            self._tick.wait(self._sleep_time(interval))
+            self._tick.wait(wait)
 
     def _sleep_time(self, interval: float) -> float:
         nxt = self.queue.next_due()
@@ -76,6 +102,7 @@ class Scheduler:
         self.queue.refresh()
         self.metrics.count("scan", "periodic")
         self.outbox.expire_old()
+        self._cancel_retry()
         self._failures = 0
         self._greeted = False
         self.fill()
@@ -94,14 +121,24 @@ class Scheduler:
     def poke(self) -> None:
         """The queue is to be tried now (`queue retry`, `sendmail -q`): failed connects are forgotten."""
         log.info("asked to try the queue now")
+        self.queue.refresh()
+        self._try_again()
+
+    def _try_again(self) -> None:
+        self._cancel_retry()
         self._failures = 0
         self._greeted = False
-        self.queue.refresh()
         self.fill()
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None:
+            self._retry.kill(block=False)
+            self._retry = None
 
     def stop(self) -> None:
         self.stopping = True
         self.queue.stopping = True
+        self._cancel_retry()
         self._tick.set()
 
     # -- sessions ----------------------------------------------------------------
@@ -124,33 +161,49 @@ class Scheduler:
     def _session(self, probe: bool) -> None:
         reported = False
 
-        def greeted(ok: bool) -> None:
+        def greeted(ok: bool, why: str | None = None) -> None:
             nonlocal reported, probe
             reported = True
             self._starting -= 1
             if probe:
                 self._probing -= 1
                 probe = False
-            self._on_greeted(ok)
+            self._on_greeted(ok, why)
 
         try:
             self.new_session(greeted)()
         finally:
             if not reported:
-                greeted(False)
+                greeted(False, "the session ended before greeting the relay")
 
-    def _on_greeted(self, ok: bool) -> None:
+    def _on_greeted(self, ok: bool, why: str | None = None) -> None:
         if ok:
             self._greeted = True
+            self._retry_delay = RECONNECT_FIRST
+            if self.outage is not None:
+                log.info("the relay can be reached again")
+                self.outage = None
+                self.queue.relay_status(None)
         else:
             self._failures += 1
             if self._failures == self.cfg.delivery.connect_tries:
-                log.warning(
-                    "%d failed connects to the relay in this check; next try in %gs",
-                    self._failures,
-                    self.cfg.delivery.check_interval,
-                )
+                self._unreachable(why or "connection failed")
         self.fill()
+
+    def _unreachable(self, why: str) -> None:
+        """This check's connects all failed: try again after a short, doubling wait while mail waits."""
+        interval = self.cfg.delivery.check_interval
+        if self.outage is None:
+            self.outage = (time.time(), why)
+            self.queue.relay_status(self.outage)
+        if not self.reconnect or self.stopping:
+            log.warning("%d failed connects to the relay; next try in %gs", self._failures, interval)
+            return
+        delay = min(self._retry_delay, interval)
+        log.warning("%d failed connects to the relay (%s); next try in %gs", self._failures, why, delay)
+        self._retry_delay = min(self._retry_delay * 2, interval)
+        self._cancel_retry()
+        self._retry = gevent.spawn_later(delay, self._try_again)
 
     def _on_session_end(self, greenlet: gevent.Greenlet) -> None:
         if not greenlet.successful() and not isinstance(greenlet.exception, gevent.GreenletExit):

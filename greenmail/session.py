@@ -57,7 +57,7 @@ class Session:
         self,
         transport: Transport,
         outbox: Outbox,
-        on_greeted: Callable[[bool], None] = lambda ok: None,
+        on_greeted: Callable[..., None] = lambda ok, why=None: None,
         limiter: RateLimiter | None = None,
         offload: Callable[..., Any] | None = None,
     ) -> None:
@@ -84,7 +84,7 @@ class Session:
                 self.conn.open()
             except SmtpError as e:
                 log.warning("connect to %s: %s", self.relay, e)
-                self.on_greeted(False)
+                self.on_greeted(False, str(e))
                 return
             self.client = self.conn.client
             self._deliver_all()

@@ -16,7 +16,9 @@ Must not touch: gevent, SMTP codes, metrics, configuration files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import json
 import logging
 import os
 import stat
@@ -44,6 +46,7 @@ RM_BATCH = 16  # fewer than this are unlinked here: a process start costs more
 RM_SLICE = 2000
 RM_TIMEOUT = 60.0
 ADOPT_SCAN = 64 * 1024
+TRANSIENT = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EIO)  # not the file's fault
 
 
 @dataclass(eq=False, kw_only=True)
@@ -175,6 +178,9 @@ class Spool:
         try:  # O_NONBLOCK: a FIFO must not hang us; O_NOFOLLOW: no symlinks
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as e:
+            if e.errno in TRANSIENT:  # the system's trouble, not the file's: the claim goes back
+                os.rename(path, f"{self._outgoing}/{entry.name}")
+                raise
             raise CorruptQueueFile(f"cannot open: {e.strerror}") from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -302,7 +308,35 @@ class Spool:
         if self._lock is not None:
             self._lock.keep()
 
+    def write_relay_status(self, outage: tuple[float, str] | None) -> None:
+        """owners/OWNER.relay: since when and why this daemon cannot reach the relay (removed when it can)."""
+        path = self.dir(OWNERS) / f"{self.owner}.relay"
+        if outage is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        tmp = self.dir(OWNERS) / f".{self.owner}.relay.tmp"
+        tmp.write_text(json.dumps({"since": outage[0], "why": outage[1]}))
+        os.rename(tmp, path)
+
+    def relay_outages(self) -> list[tuple[float, str]]:
+        """The relay outages live daemons on this spool report, earliest first."""
+        out = []
+        for name in os.listdir(self.dir(OWNERS)):
+            owner, dot, ext = name.rpartition(".")
+            if not dot or ext != "relay" or owner.startswith("."):
+                continue
+            try:
+                data = json.loads((self.dir(OWNERS) / name).read_text())
+                if not self._liveness.dead(owner):
+                    out.append((float(data["since"]), str(data["why"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return sorted(out)
+
     def unlock_owner(self) -> None:
+        with contextlib.suppress(OSError):
+            self.write_relay_status(None)
         if self._lock is not None:
             self._lock.release()
             self._lock = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,10 +102,16 @@ def describe(spool: Spool, loc: Located) -> MessageInfo:
 
 
 def list_messages(spool: Spool) -> list[MessageInfo]:
+    outages = spool.relay_outages()
+    waiting = f"relay unreachable since {_iso(outages[0][0])}: {outages[0][1]}" if outages else None
+    now = time.time()
     out = []
     for loc in _locate_all(spool):
         with contextlib.suppress(FileNotFoundError):  # sent or moved while we looked
-            out.append(describe(spool, loc))
+            info = describe(spool, loc)
+            if waiting and loc.directory == OUTGOING and loc.entry.next_at <= now:
+                info.waiting = waiting
+            out.append(info)
     return out
 
 

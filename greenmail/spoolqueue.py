@@ -17,6 +17,7 @@ metrics.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import os
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 
 import gevent
 
-from greenmail.errors import CorruptQueueFile
+from greenmail.errors import CorruptQueueFile, SpoolError
 from greenmail.layout import OUTGOING, TMP, id_time
 from greenmail.queue import Claim
 from greenmail.queuefile import Entry, parse_name, share
@@ -41,6 +42,7 @@ WAKE_POLL = 0.2  # seconds between looks at outgoing/'s mtime
 FORCED_WAKE = 0.8  # seconds between looks for new names even when the mtime did not change
 FORCED_WAKE_NOTIFIED = 10.0  # the same, while inotify reports the changes
 KEEP_OWNER = 1.0  # seconds between checks that this daemon's lock file is still there
+WATCH_RETRY = 1.0  # seconds between tries to watch a spool that went away
 T = TypeVar("T")
 Offload = Callable[..., Any]
 
@@ -74,6 +76,7 @@ class SpoolQueue:
         self._listed = {"failed": 0, "held": 0}
         self._retired: list[str] = []  # retired files to unlink (then fsync outgoing_active/)
         self._syncer: gevent.Greenlet | None = None
+        self.watch_problem: str | None = None  # why wake-ups do not work now
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -88,9 +91,11 @@ class SpoolQueue:
 
     def problem(self) -> str | None:
         """Why the queue cannot take mail now, if it cannot."""
+        if not os.path.isdir(self.spool.path):
+            return f"spool {self.spool.path} is missing or not a directory"
         if not os.access(self.spool.dir(TMP), os.W_OK):
             return "spool not writable"
-        return None
+        return self.watch_problem
 
     @property
     def where(self) -> str:
@@ -99,7 +104,8 @@ class SpoolQueue:
     # -- the index ---------------------------------------------------------------
 
     def refresh(self) -> int:
-        """Full scan of outgoing/: rebuild the index. Returns the number due."""
+        """Full scan of outgoing/ (a removed spool is made again first): rebuild the index; the number due."""
+        self.offload(self.spool.ensure)
         entries = self.offload(self.spool.scan)
         self._due.clear()
         self._waiting = []
@@ -168,7 +174,11 @@ class SpoolQueue:
     def take(self) -> Claim | None:
         """Claim the next due message, or None when nothing is due (or stopping)."""
         while not self.stopping and self.due():
-            claim = self._claim(self._due.popleft())
+            try:
+                claim = self._claim(self._due.popleft())
+            except OSError as e:
+                log.error("cannot take a message now: %s", e)
+                return None
             if claim is not None:
                 return claim
         return None
@@ -181,7 +191,16 @@ class SpoolQueue:
             return []
         gone = {e.name for e in old}
         self._due = deque(e for e in self._due if e.name not in gone)
-        return [c for c in map(self._claim, old) if c is not None]
+        claims = []
+        for e in old:
+            try:
+                claim = self._claim(e)
+            except OSError as err:
+                log.error("cannot take a message now: %s", err)
+                continue
+            if claim is not None:
+                claims.append(claim)
+        return claims
 
     def _claim(self, entry: Entry) -> SpoolClaim | None:
         self._known.discard(entry.name)
@@ -191,6 +210,8 @@ class SpoolQueue:
         except CorruptQueueFile as e:
             log.error("%s", e)
             return None
+        except OSError:  # out of file descriptors, say: back in outgoing/, found again by the next scan
+            raise
         if claim is not None:
             self._claims[claim.id] = claim
         return claim
@@ -304,12 +325,33 @@ class SpoolQueue:
         times += [c.queued_at for c in self._claims.values()]
         return counts, min(times, default=0.0)
 
+    def relay_status(self, outage: tuple[float, str] | None) -> None:
+        """Tell `queue list` that the relay cannot be reached (since when, why), or can again."""
+        try:
+            self.offload(self.spool.write_relay_status, (outage,))
+        except OSError as e:
+            log.warning("cannot record the relay's status: %s", e)
+
     def _entries(self) -> list[Entry]:
         return [*self._due, *(w[2] for w in self._waiting)]
 
     # -- wake-ups ------------------------------------------------------------------------
 
     def watch(self, woken: Callable[[], None], poked: Callable[[], None]) -> None:
+        """Wake-ups, for as long as the daemon runs; a spool that vanishes is waited for (and recreated)."""
+        while not self.stopping:
+            try:
+                self._watch(woken, poked)
+            except (OSError, SpoolError) as e:
+                if self.watch_problem is None:
+                    log.error("watching the spool failed: %s; trying again every %gs", e, WATCH_RETRY)
+                self.watch_problem = f"watching the spool failed: {e}"
+                gevent.sleep(WATCH_RETRY)
+                with contextlib.suppress(OSError, SpoolError):
+                    self.offload(self.spool.ensure)  # a removed spool is made again
+                    self.offload(self.spool.keep_owner)
+
+    def _watch(self, woken: Callable[[], None], poked: Callable[[], None]) -> None:
         """Wake-ups: a new file in outgoing/ is seen at once (inotify) or within a second.
 
         With inotify the names it reports go straight into the index, and
@@ -320,9 +362,13 @@ class SpoolQueue:
         FORCED_WAKE seconds, since an mtime can stay the same across a change
         (coarse timestamps, NFS attribute caches, two renames in one tick).
         ``woken`` is called after new names were indexed, ``poked`` when
-        outgoing/.wake was written (`queue retry`, `sendmail -q`).
+        outgoing/.wake was written (`queue retry`, `sendmail -q`). Raises
+        OSError when outgoing/ is gone or is another directory than the one
+        watched.
         """
-        notify = Inotify.open(self.spool.dir(OUTGOING))
+        directory = self.spool.dir(OUTGOING)
+        watched = os.stat(directory).st_ino
+        notify = Inotify.open(directory)
         seen = wake = None
         last = owner_check = 0.0
         events = 0
@@ -332,7 +378,10 @@ class SpoolQueue:
                 if names:
                     self.arrived(names)
                     woken()
-                now = self.spool.outgoing_mtime()
+                st = os.stat(directory)
+                if st.st_ino != watched:
+                    raise FileNotFoundError(f"{directory} was replaced")
+                now = st.st_mtime_ns
                 if notify is None:
                     due = now != seen or time.monotonic() - last >= FORCED_WAKE
                 else:  # an mtime change that no event explains, or lost events
@@ -354,6 +403,9 @@ class SpoolQueue:
                 if time.monotonic() - owner_check >= KEEP_OWNER:
                     owner_check = time.monotonic()
                     self.offload(self.spool.keep_owner)
+                if self.watch_problem is not None:
+                    log.warning("watching the spool works again")
+                    self.watch_problem = None
         finally:
             if notify is not None:
                 notify.close()

@@ -87,7 +87,11 @@ class Harness:
     def session(self) -> gevent.Greenlet:
         self.queue.refresh()
         s = Session(
-            self.transport, self.outbox, on_greeted=self.greeted.append, limiter=self.limiter, offload=offload
+            self.transport,
+            self.outbox,
+            on_greeted=lambda ok, why=None: self.greeted.append(ok),
+            limiter=self.limiter,
+            offload=offload,
         )
         return gevent.spawn(s.run)
 

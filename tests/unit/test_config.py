@@ -351,7 +351,9 @@ def test_schema_names_exactly_the_config_fields() -> None:
     )
 
 
-@pytest.mark.parametrize(("mode", "ok"), [(0o600, True), (0o640, True), (0o400, True), (0o644, False), (0o602, False)])
+@pytest.mark.parametrize(
+    ("mode", "ok"), [(0o600, True), (0o640, True), (0o400, True), (0o644, False), (0o602, False)]
+)
 def test_password_file_others_may_read_is_refused(tmp_path: Path, mode: int, ok: bool) -> None:
     pw = tmp_path / "pw"
     pw.write_text("secret\n")
@@ -360,5 +362,7 @@ def test_password_file_others_may_read_is_refused(tmp_path: Path, mode: int, ok:
     if ok:
         assert cfg.relay.password() == "secret"
     else:
-        with pytest.raises(ConfigError, match=r"relay.password_file: .* can be read or written by every user"):
+        with pytest.raises(
+            ConfigError, match=r"relay.password_file: .* can be read or written by every user"
+        ):
             cfg.relay.password()
