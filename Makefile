@@ -12,20 +12,31 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat && $(BIN)/python -m compileall -q greenmail
+# A plain (not editable) install: no import hook at start-up, which a process per enqueued message
+# would pay for; reinstalled (without its dependencies) whenever a source file changes.
+SOURCES := $(wildcard greenmail/*.py) bin/greenmail
+
+$(VENV)/.deps: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q '.[test]'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(BIN)/pip install -q --no-deps --force-reinstall .
 	touch $@
 
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
 	@mkdir -p var
-	@set -e; \
-	$(BIN)/greenmail sink --listen $(SINK_LISTEN) --maildir var/sink & sink=$$!; \
-	trap 'kill $$sink 2>/dev/null; wait $$sink 2>/dev/null' EXIT INT TERM; \
-	echo "sink on $(SINK_LISTEN) storing in var/sink/new; enqueue with:"; \
-	echo "  echo 'Subject: hi' | $(BIN)/greenmail enqueue --config conf/greenmail.toml --from me@example.org --to you@example.net"; \
-	$(BIN)/greenmail run --config conf/greenmail.toml
+	@$(BIN)/greenmail sink --listen $(SINK_LISTEN) --maildir var/sink & sink=$$!; \
+	trap '' INT TERM; \
+	echo "sink on $(SINK_LISTEN) storing in var/sink/new; in another terminal:"; \
+	echo "  export GREENMAIL_CONFIG=$$PWD/conf/greenmail.toml"; \
+	echo "  echo 'Subject: hi' | $(BIN)/greenmail enqueue --from me@example.org --to you@example.net"; \
+	echo "  $(BIN)/greenmail queue list"; \
+	(trap - INT TERM; exec $(BIN)/greenmail run --config conf/greenmail.toml); status=$$?; \
+	kill $$sink 2>/dev/null; wait $$sink; \
+	exit $$status
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check greenmail tests

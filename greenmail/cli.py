@@ -262,8 +262,9 @@ def sendmail(ctx: click.Context, argv: tuple[str, ...]) -> None:
     if opts.mode == "list":
         ctx.invoke(queue_list, config_path=opts.config, as_json=False)
         return
-    if opts.mode == "queue":
-        ctx.invoke(run, config_path=opts.config, once=True, verbose=False)
+    if opts.mode == "queue":  # ask the running daemon, say nothing; with none running, one pass here
+        if not _queue_call(opts.config, lambda q: (q.retry_all(), q.wake())[1]):
+            ctx.invoke(run, config_path=opts.config, once=True, verbose=False)
         return
     cfg = load_config(opts.config)
     try:

@@ -196,7 +196,7 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Co
     """Validate a parsed TOML document; relative paths resolve against ``base``."""
     sections = confcheck.validate(raw)
     return Config(
-        spool=SpoolConfig(path=base / sections.get("spool", {}).get("path", confcheck.SPOOL_PATH)),
+        spool=SpoolConfig(path=_under(base, sections.get("spool", {}).get("path", confcheck.SPOOL_PATH))),
         relay=_relay(sections.get("relay", {}), base),
         delivery=DeliveryConfig(**sections.get("delivery", {})),
         retry=RetryConfig(**sections.get("retry", {})),
@@ -204,6 +204,11 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Co
         metrics=MetricsConfig(**sections.get("metrics", {})),
         source=source,
     )
+
+
+def _under(base: Path, path: str) -> Path:
+    """``path`` as given when absolute, else taken from ``base``; ``..`` steps resolved (links are not)."""
+    return Path(os.path.normpath(base / path))
 
 
 RELAY_PATHS = ("ca_file", "tls_cert_file", "tls_key_file", "password_file")
@@ -214,8 +219,7 @@ def _relay(values: dict[str, Any], base: Path) -> RelayConfig:
     v = dict(values)
     for key in RELAY_PATHS:
         if key in v:
-            p = Path(v[key])
-            v[key] = p if p.is_absolute() else base / p
+            v[key] = _under(base, v[key])
     for key in ("hosts", "auth_mechanisms"):
         if key in v:
             v[key] = tuple(v[key])

@@ -141,7 +141,7 @@ class QueueAdmin(Protocol):
 
     def retry_all(self) -> int: ...
 
-    def wake(self) -> None: ...  # running daemons look at the queue now, the relay's outage forgotten
+    def wake(self) -> bool: ...  # running daemons look at the queue now (outage forgotten); any running?
 
 
 class DeliveryQueue(Protocol):

@@ -396,13 +396,20 @@ class Spool:
     def retry_all(self) -> int:
         return spooladmin.retry_all(self)
 
-    def wake(self) -> None:
-        """Tell daemons running on this spool to look at it now (outgoing/.wake is written)."""
+    def wake(self) -> bool:
+        """Tell daemons running on this spool to look at it now (outgoing/.wake is written); any running?"""
         fd = os.open(f"{self._outgoing}/{WAKE}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, f"{time.time()}\n".encode())
         finally:
             os.close(fd)
+        return any(self.live_owners())
+
+    def live_owners(self) -> list[str]:
+        """The daemons running on this spool, by their locks."""
+        owners_dir = self.dir(OWNERS)
+        names = [n[: -len(".lock")] for n in os.listdir(owners_dir) if n.endswith(".lock") and n[0] != "."]
+        return [o for o in names if not self._liveness.dead(o)]
 
 
 def _claim(
