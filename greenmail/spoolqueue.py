@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import gevent
+from gevent.lock import Semaphore
 
 from greenmail.errors import CorruptQueueFile, SpoolError
 from greenmail.layout import OUTGOING, TMP, id_time
@@ -77,6 +78,11 @@ class SpoolQueue:
         self._retired: list[str] = []  # retired files to unlink (then fsync outgoing_active/)
         self._syncer: gevent.Greenlet | None = None
         self.watch_problem: str | None = None  # why wake-ups do not work now
+        # One scan at a time: two would both adopt foreign names, and a full scan that ends
+        # last would drop what the other indexed. Names that inotify reports during a full
+        # scan are kept aside and indexed again after it (they may be newer than its listing).
+        self._scanning = Semaphore()
+        self._during: list[Entry] | None = None
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -105,18 +111,25 @@ class SpoolQueue:
 
     def refresh(self) -> int:
         """Full scan of outgoing/ (a removed spool is made again first): rebuild the index; the number due."""
-        self.offload(self.spool.ensure)
-        entries = self.offload(self.spool.scan)
-        self._due.clear()
-        self._waiting = []
-        self._known = set()
-        self._fresh = self._retried = 0
-        self._add(entries)
+        with self._scanning:
+            self._during = []
+            try:
+                self.offload(self.spool.ensure)
+                entries = self.offload(self.spool.scan)
+            finally:
+                during, self._during = self._during, None
+            self._due.clear()
+            self._waiting = []
+            self._known = set()
+            self._fresh = self._retried = 0
+            self._add(entries)
+            self._add(during)
         return self.due()
 
     def wakeup(self) -> int:
         """Cheap scan: index the names that appeared since the last look."""
-        self._add(self.offload(self.spool.scan, (frozenset(self._known),)))
+        with self._scanning:
+            self._add(self.offload(self.spool.scan, (frozenset(self._known),)))
         return self.due()
 
     def arrived(self, names: list[str]) -> int:
@@ -134,6 +147,8 @@ class SpoolQueue:
 
     def _add(self, entries: list[Entry]) -> None:
         """Index entries (in name order: oldest first); yields to other greenlets now and then."""
+        if self._during is not None:
+            self._during.extend(entries)
         now = self.clock()
         k, n = self.worker
         for i, e in enumerate(entries):
