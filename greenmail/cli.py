@@ -39,12 +39,19 @@ config_option = click.option(
 
 
 def setup_logging(
-    verbose: bool = False, fmt: str = "text", config: Config | None = None, batched: bool = False
+    verbose: bool = False,
+    fmt: str = "text",
+    config: Config | None = None,
+    batched: bool = False,
+    target: str = "stderr",
 ) -> None:
-    """Logging to stderr in ``fmt`` (text or json); with ``config``, log the configuration line."""
+    """Logging to ``target`` in ``fmt`` (text or json); with ``config``, log the configuration line."""
     from greenmail import logfmt
 
-    logfmt.setup(fmt, verbose, batched=batched)
+    try:
+        logfmt.setup(fmt, verbose, batched=batched, target=target)
+    except OSError as e:
+        fail(f"cannot log to {target}: {e.strerror or e}", EX_CANTCREAT)
     if config is not None:
         settings = logfmt.settings(config)
         logging.getLogger("greenmail").info(
@@ -71,6 +78,16 @@ def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -
     submit.enqueue(config_path, sender, recipients)
 
 
+def _log_target(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from greenmail import logfmt
+
+    try:
+        logfmt.parse_target(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 @main.command()
 @config_option
 @click.option("--once", is_flag=True, help="give every due message one attempt, then exit")
@@ -82,11 +99,22 @@ def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -
     show_default=True,
     help="log lines as text (Postfix style) or one JSON object per line",
 )
+@click.option(
+    "--log-target",
+    default="stderr",
+    show_default=True,
+    callback=_log_target,
+    metavar="stderr|syslog[:SOCKET]|file:PATH",
+    help="where log lines go: stderr (journald priorities under systemd), syslog (facility mail, "
+    "/dev/log), or a file (reopened on SIGUSR1)",
+)
 @click.option("--worker", hidden=True, help="K/N: run as delivery process K of N (started by process 0)")
-def run(config_path: str | None, once: bool, verbose: bool, log_format: str, worker: str | None) -> None:
-    """Run the delivery daemon in the foreground (logs to stderr)."""
+def run(
+    config_path: str | None, once: bool, verbose: bool, log_format: str, log_target: str, worker: str | None
+) -> None:
+    """Run the delivery daemon in the foreground."""
     cfg = load_config(config_path)
-    setup_logging(verbose, log_format, cfg, batched=True)  # the daemon writes pending lines every 0.2 s
+    setup_logging(verbose, log_format, cfg, batched=True, target=log_target)  # pending lines: every 0.2 s
     from greenmail.daemon import Daemon
     from greenmail.errors import ConfigError, GreenmailError
     from greenmail.workers import parse_worker
@@ -96,6 +124,7 @@ def run(config_path: str | None, once: bool, verbose: bool, log_format: str, wor
     except ValueError as e:
         fail(str(e), EX_USAGE)
     args = [*(["--config", config_path] if config_path else []), "--log-format", log_format]
+    args += ["--log-target", log_target]
     args += [*(["--once"] if once else []), *(["-v"] if verbose else [])]
     try:
         code = Daemon(cfg, once=once, worker=share, args=args).run()

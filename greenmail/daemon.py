@@ -3,7 +3,9 @@
 Owns: putting the pieces together, the owner lock, recovery of dead
 daemons' claims, the metrics HTTP server, the scheduler and wake-up
 greenlets (with a fatal handler: a silently dead scheduler is the worst
-failure a queue runner can have), signals, and the graceful stop: stop
+failure a queue runner can have), telling systemd how it is (READY=1 when
+healthy, WATCHDOG=1 while the heartbeat is fresh, STOPPING=1), signals
+(SIGUSR1: reopen the log file), and the graceful stop: stop
 opening connections, let in-flight transactions finish within the grace
 period, put back whatever is unfinished, exit 0.
 Must not touch: SMTP details, file formats.
@@ -11,6 +13,7 @@ Must not touch: SMTP details, file formats.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
@@ -28,6 +31,7 @@ from greenmail import backends, logfmt
 from greenmail.config import Config
 from greenmail.connection import Transport
 from greenmail.metrics import Metrics, wsgi_app
+from greenmail.notify import Notifier
 from greenmail.outbox import Outbox
 from greenmail.scheduler import Scheduler
 from greenmail.session import Session
@@ -36,9 +40,10 @@ from greenmail.workers import Link, Reports, Supervisor, share_config
 
 log = logging.getLogger("greenmail")
 LOG_INTERVAL = 0.2  # seconds: how long a log line may wait to be written with others
+READY_POLL = 0.1  # seconds between looks at the health while starting (READY=1 for systemd)
 HTTP_CLIENTS = 16  # /metrics and /healthz connections served at once
 HTTP_TIMEOUT = 10.0  # seconds an HTTP client may be idle
-HARMLESS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)  # logged, never fatal (SIGPIPE: ignored)
+HARMLESS = (signal.SIGHUP, signal.SIGUSR2)  # logged, never fatal (SIGUSR1 reopens logs; SIGPIPE ignored)
 
 
 class _MetricsServer(WSGIServer):
@@ -103,6 +108,8 @@ class Daemon:
     ) -> None:
         worker = worker or (0, config.delivery.processes)
         self.worker = worker
+        # process 0 speaks for the service; the variables are removed so no child inherits them
+        self.notifier = Notifier.from_environ() if worker[0] == 0 else Notifier(None)
         self.metrics = Metrics(config.delivery.max_connections)  # the total, whichever the share
         config = share_config(config, worker)
         self.cfg = config
@@ -154,6 +161,7 @@ class Daemon:
             gevent.signal_handler(sig, self._on_signal, sig)
         for sig in HARMLESS:  # an operator's habit must never kill the daemon
             gevent.signal_handler(sig, self._on_harmless, sig)
+        gevent.signal_handler(signal.SIGUSR1, self._reopen_logs)
         moved = self.queue.open()
         try:
             if self.worker[0]:
@@ -176,7 +184,10 @@ class Daemon:
             if not self.once:
                 self._start(("wake-up watcher", self.scheduler.watch))
             self._start(("log writer", _write_logs))
+            if self.notifier.enabled and not self.once:
+                self._start(("systemd notifier", self._notify_systemd))
             self._stop.wait()
+            self.notifier.stopping("stopping: finishing the transactions in flight")
             self._graceful_stop()
         finally:
             if self.supervisor is not None and not self.supervisor.stopping:
@@ -206,6 +217,38 @@ class Daemon:
     def _on_harmless(self, sig: int) -> None:
         log.info("signal %s: nothing to do (greenmail goes on)", signal.Signals(sig).name)
 
+    def _reopen_logs(self) -> None:
+        """SIGUSR1: reopen the log file (after logrotate), in the delivery processes too."""
+        files = logfmt.reopen()
+        if self.supervisor is not None:
+            for proc in list(self.supervisor.procs.values()):
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGUSR1)
+        log.info("signal SIGUSR1: %s", "log file reopened" if files else "no log file to reopen")
+
+    def _notify_systemd(self) -> None:
+        """READY=1 once /healthz would answer 200; then WATCHDOG=1 at half the watchdog interval,
+        only while the periodic check's heartbeat is fresh: a hung check stops the pings."""
+        while not (health := self._healthy())[0]:
+            if self._stop.wait(READY_POLL):
+                return
+        self.notifier.ready(f"running ({health[1]})")
+        interval = self.notifier.watchdog_interval
+        withheld = False
+        while interval and not self._stop.is_set():  # after STOPPING=1 systemd no longer watches
+            problem = self._heartbeat_problem()
+            if problem is None:
+                self.notifier.watchdog()
+                if withheld:
+                    log.info("periodic check fine again: watchdog notifications resume")
+                    self.notifier.status("running")
+            elif not withheld:
+                log.error("%s: no watchdog notification until a periodic check succeeds", problem)
+                self.notifier.status(f"no watchdog notification: {problem}")
+            withheld = problem is not None
+            self._stop.wait(interval / 2)
+
     def _fatal_error(self, greenlet: gevent.Greenlet) -> None:
         self._fatal = greenlet.exception
         log.critical("%s died: %r", getattr(greenlet, "name", "greenlet"), greenlet.exception)
@@ -227,19 +270,23 @@ class Daemon:
         self.http.start()
         log.info("metrics on http://%s:%d/metrics", *self.http.address[:2])
 
+    def _heartbeat_problem(self) -> str | None:
+        """What is wrong with the periodic check's heartbeat (None: it beat within 3 intervals)."""
+        last = self.scheduler.last_check
+        if not last:
+            return "no periodic check has run yet"
+        age = time.time() - last
+        if age > 3 * self.cfg.delivery.check_interval:
+            return f"stale: last periodic check {age:.1f}s ago"
+        return None
+
     def _healthy(self) -> tuple[bool, str]:
-        for problem in (self.scheduler.problem, self.queue.problem()):
+        for problem in (self.scheduler.problem, self.queue.problem(), self._heartbeat_problem()):
             if problem is not None:
                 if "Too many open files" in problem:
                     problem = f"out of file descriptors (ulimit -n): {problem}"
                 return False, problem
-        last = self.scheduler.last_check
-        age = time.time() - last
-        limit = 3 * self.cfg.delivery.check_interval
-        if not last:
-            return False, "no periodic check has run yet"
-        if age > limit:
-            return False, f"stale: last periodic check {age:.1f}s ago"
+        age = time.time() - self.scheduler.last_check
         missing = self.supervisor.missing() if self.supervisor is not None else []
         if missing:
             return False, f"delivery process {missing[0]}/{self.worker[1]} not running (restarting)"

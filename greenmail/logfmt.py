@@ -1,11 +1,13 @@
-"""Log set-up: the text and JSON formats of greenmail's log lines on stderr.
+"""Log set-up: the shape of greenmail's log lines and where they go.
 
-Owns: the two formatters and ``setup``. A record may carry structured data
-in ``extra={"fields": {...}}`` (the delivery line: event, queue_id, to,
-relay, delay, attempts, dsn, status, reply); the text format shows only the
-message, the JSON format one object per line with the fields at top level.
-Must not touch: what is logged (callers decide) -- callers never pass
-passwords or message bodies; ``redact`` is for configuration dumps.
+Owns: the text format (syslog-shaped, with Postfix's service tags and level words, so
+that pflogsumm and other mail-log tools read it; the lines themselves are maillog.py's),
+the JSON format, the targets (stderr, with journald priorities when stderr is the
+journal; syslog; a file reopened on request), the batching of lines, and the
+configuration dump. A record may carry structured data in ``extra={"fields": {...}}``:
+the JSON format puts it at top level, the text shows only the message.
+Must not touch: what is logged (callers decide) -- callers never pass passwords or
+message bodies; ``redact`` is for configuration dumps.
 Imports nothing of greenmail, so ``greenmail enqueue`` stays light.
 """
 
@@ -14,27 +16,81 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import logging.handlers
 import os
+import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 FORMATS = ("text", "json")
-TEXT_FORMAT = "%(asctime)s greenmail[%(process)d]: %(levelname)s %(message)s"
 PIPE_BUF = 4096  # bytes a pipe writes at once (POSIX: at least 512; Linux: 4096)
 RESERVED = ("time", "level", "logger", "pid", "message")  # JSON keys fields cannot override
 SECRET_WORDS = ("password", "secret", "token")
+SYSLOG_NAME = "greenmail"  # pflogsumm --syslog-name=greenmail
+# Postfix's service names, by logger: the tag is greenmail/SERVICE[pid]
+SERVICES = {
+    "greenmail": "master", "greenmail.workers": "master",
+    "greenmail.session": "smtp", "greenmail.connection": "smtp", "greenmail.shaping": "smtp",
+    "greenmail.queue": "qmgr", "greenmail.scheduler": "qmgr", "greenmail.spool": "qmgr",
+    "greenmail.bounce": "bounce", "greenmail.pickup": "pickup",
+}  # fmt: skip
+# Postfix's word before a message (none for information), and the syslog(3) priority
+LEVELS = {50: ("fatal: ", 2), 40: ("error: ", 3), 30: ("warning: ", 4), 20: ("", 6), 10: ("debug: ", 7)}
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, pid, event, message, then the record's fields."""
+def level_word(levelno: int) -> tuple[str, int]:
+    """The Postfix word ("warning: ") and the syslog priority of a level (a custom one: the next below)."""
+    return LEVELS.get(levelno) or LEVELS[max((k for k in LEVELS if k <= levelno), default=10)]
 
-    def __init__(self) -> None:
+
+def service(logger: str) -> str:
+    """The service tag of a logger: SERVICES, else the last part of its name."""
+    return SERVICES.get(logger) or logger.rpartition(".")[2] or "master"
+
+
+# -- formats --------------------------------------------------------------------------------
+
+
+class LineFormatter(logging.Formatter):
+    """A record as one line: a head, then the body (text: "warning: message"; JSON: an object).
+
+    Heads: "stamp" (stderr and files: RFC 3339 time, host, greenmail/SERVICE[pid]:), "tag"
+    (syslog, which adds time and host: greenmail/SERVICE[pid]:), "journal" (journald adds
+    all that: "<N>" on every line, the priority), "" (nothing, JSON on stderr and files).
+    """
+
+    def __init__(self, json_body: bool = False, head: str = "stamp") -> None:
         super().__init__()
+        self.json_body = json_body
+        self.head = head
         self.pid = os.getpid()
+        self.host = socket.gethostname().split(".")[0] or "localhost"
+        self._tags: dict[str, str] = {}
+        self._second = -1
+        self._stamp = ("", "")
 
     def format(self, record: logging.LogRecord) -> str:
+        body = self.json(record) if self.json_body else self.text(record)
+        if self.head == "journal":
+            prefix = f"<{level_word(record.levelno)[1]}>"
+            return prefix + body.replace("\n", "\n" + prefix)
+        if self.head == "tag":
+            return f"{self.tag(record.name)} {body}"
+        if self.head == "stamp":
+            return f"{self.stamp(record)} {self.host} {self.tag(record.name)} {body}"
+        return body
+
+    def text(self, record: logging.LogRecord) -> str:
+        message = level_word(record.levelno)[0] + record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        return message
+
+    def json(self, record: logging.LogRecord) -> str:
+        """time, level, logger, pid, event, message, then the record's fields."""
         out: dict[str, Any] = {
             "time": _iso(record.created),
             "level": record.levelname,
@@ -50,6 +106,26 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str, ensure_ascii=False)
 
+    def tag(self, logger: str) -> str:
+        tag = self._tags.get(logger)
+        if tag is None:
+            tag = self._tags[logger] = f"{SYSLOG_NAME}/{service(logger)}[{self.pid}]:"
+        return tag
+
+    def stamp(self, record: logging.LogRecord) -> str:
+        """RFC 3339 local time with milliseconds and offset: 2026-11-28T14:15:39.347+01:00.
+
+        The part without milliseconds is made once a second (a line per recipient).
+        """
+        second, micro = divmod(round(record.created * 1_000_000), 1_000_000)  # as datetime rounds
+        if second != self._second:
+            local = time.localtime(second)
+            off = local.tm_gmtoff // 60
+            zone = f"{'+' if off >= 0 else '-'}{abs(off) // 60:02d}:{abs(off) % 60:02d}"
+            self._stamp = (time.strftime("%Y-%m-%dT%H:%M:%S", local), zone)
+            self._second = second
+        return f"{self._stamp[0]}.{micro // 1000:03d}{self._stamp[1]}"
+
 
 def _iso(created: float) -> str:
     """RFC 3339 UTC with milliseconds: 2026-11-28T14:15:39.347Z."""
@@ -57,25 +133,15 @@ def _iso(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((created - whole) * 1000):03d}Z"
 
 
-class TextFormatter(logging.Formatter):
-    """TEXT_FORMAT, with the time string made once per second (a delivery line per recipient)
-    and the pid written in when no record carries one (see ``setup``)."""
+def formatter(fmt: str, head: str | None = None) -> logging.Formatter:
+    """The formatter of ``fmt`` ("text" or "json"); ``head`` as in LineFormatter (default per format)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown log format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    json_body = fmt == "json"
+    return LineFormatter(json_body, head if head is not None else ("" if json_body else "stamp"))
 
-    def __init__(self) -> None:
-        super().__init__(TEXT_FORMAT)
-        self._pid_style = logging.PercentStyle(TEXT_FORMAT.replace("%(process)d", str(os.getpid())))
-        self._second = -1
-        self._stamp = ""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
-        return (self._style if record.process is not None else self._pid_style).format(record)
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        second = int(record.created)
-        if second != self._second:
-            self._stamp = time.strftime(self.default_time_format, self.converter(record.created))
-            self._second = second
-        return self.default_msec_format % (self._stamp, record.msecs)
+# -- targets --------------------------------------------------------------------------------
 
 
 class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -122,6 +188,96 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self.handleError(logging.makeLogRecord({"msg": lines[0]}))
 
 
+class FileHandler(BatchingHandler):
+    """Batched lines appended to a file; ``reopen()`` (SIGUSR1) starts on the file now at the path.
+
+    After logrotate moved the file away, the lines pending at the signal still go to
+    the old file, every later one to the new: none is lost.
+    """
+
+    def __init__(self, path: str, interval: float = 0.2) -> None:
+        self.path = path
+        super().__init__(self._open(), interval)
+
+    def _open(self) -> TextIO:
+        return open(self.path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+
+    def reopen(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self.flush()
+            fresh = self._open()  # first: if it cannot be opened, the old file goes on
+            old, self.stream = self.stream, fresh
+            old.close()
+
+    def close(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self.flush()
+            self.stream.close()
+        super().close()
+
+
+class SyslogHandler(logging.handlers.SysLogHandler):
+    """The stdlib SysLogHandler, facility mail, to a local socket (/dev/log), never blocking.
+
+    A datagram the syslog daemon cannot take now (its queue is full, or it is restarting)
+    waits in a bounded backlog for the next ``flush()`` (the daemon calls it every 0.2 s);
+    when the backlog overflows, the oldest lines are dropped and the count told on stderr.
+    """
+
+    MAX_BACKLOG = 10_000
+
+    def __init__(self, address: str = "/dev/log") -> None:
+        super().__init__(address, facility=self.LOG_MAIL, socktype=socket.SOCK_DGRAM)
+        self.append_nul = False
+        self._backlog: deque[bytes] = deque()
+        self.dropped = 0
+        self._connect()
+        if self.socket is None:
+            raise OSError(f"cannot send to syslog at {address}")
+
+    def _connect(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+        self.socket = None
+        self.createSocket()  # the stdlib swallows a failure to connect: a closed socket is left
+        if self.socket is not None and self.socket.fileno() >= 0:
+            self.socket.setblocking(False)
+        else:
+            self.socket = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            prio = self.encodePriority(self.facility, self.mapPriority(record.levelname))
+            data = f"<{prio}>{self.format(record)}".encode()
+        except Exception:
+            self.handleError(record)
+            return
+        with self.lock:  # type: ignore[union-attr]
+            if len(self._backlog) >= self.MAX_BACKLOG:
+                self._backlog.popleft()
+                self.dropped += 1
+            self._backlog.append(data)
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            for retry in (False, True):
+                if self.socket is None or retry:
+                    self._connect()
+                try:
+                    while self._backlog and self.socket is not None:
+                        self.socket.send(self._backlog[0])
+                        self._backlog.popleft()
+                    break
+                except BlockingIOError:
+                    return  # the syslog daemon is busy: the next flush tries again
+                except OSError:
+                    continue  # it went away (restarted): connect again, once
+            if self.dropped and not self._backlog:
+                sys.stderr.write(f"greenmail: syslog was not reachable: {self.dropped} log lines lost\n")
+                self.dropped = 0
+
+
 def _pieces(lines: list[str], size: int) -> Iterator[str]:
     """The lines joined into pieces of at most ``size`` bytes where they allow it.
 
@@ -141,43 +297,88 @@ def _pieces(lines: list[str], size: int) -> Iterator[str]:
         yield "\n".join(piece) + "\n"
 
 
-def formatter(fmt: str) -> logging.Formatter:
-    if fmt == "json":
-        return JsonFormatter()
-    if fmt == "text":
-        return TextFormatter()
-    raise ValueError(f"unknown log format {fmt!r} (expected one of {', '.join(FORMATS)})")
+def on_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is connected to journald ($JOURNAL_STREAM names its device and inode)."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def parse_target(target: str) -> tuple[str, str]:
+    """ "stderr", "syslog", "syslog:SOCKET" or "file:PATH" as (kind, where)."""
+    kind, _, where = target.partition(":")
+    if kind == "stderr" and not where:
+        return kind, ""
+    if kind == "syslog":
+        return kind, where or "/dev/log"
+    if kind == "file" and where:
+        return kind, where
+    raise ValueError(f"log target {target!r}: expected stderr, syslog, syslog:SOCKET or file:PATH")
+
+
+def handler(
+    fmt: str, target: str = "stderr", stream: TextIO | None = None, batched: bool = False
+) -> logging.Handler:
+    """The handler for ``target`` writing ``fmt``; OSError when the file or syslog cannot be opened."""
+    kind, where = parse_target(target)
+    out: logging.Handler
+    if kind == "syslog":
+        out, head = SyslogHandler(where), "tag"
+    elif kind == "file":
+        out, head = FileHandler(where), None
+    else:
+        stream = stream or sys.stderr
+        out = BatchingHandler(stream) if batched else logging.StreamHandler(stream)
+        head = "journal" if on_journal(stream) else None
+    out.setFormatter(formatter(fmt, head))
+    return out
 
 
 def setup(
-    fmt: str = "text", verbose: bool = False, stream: TextIO | None = None, batched: bool = False
+    fmt: str = "text",
+    verbose: bool = False,
+    stream: TextIO | None = None,
+    batched: bool = False,
+    target: str = "stderr",
 ) -> None:
-    """Send every log record to ``stream`` (stderr) in ``fmt``; DEBUG with ``verbose``, else INFO.
+    """Send every log record to ``target`` in ``fmt``; DEBUG with ``verbose``, else INFO.
 
     Python warnings go through logging too, so that with ``json`` every line is JSON.
-    ``batched`` (the daemon, which calls ``flush()`` periodically): see BatchingHandler.
-    Records are not asked for their source line or thread (nothing shows them):
-    that is most of a record's cost.
+    ``batched`` (the daemon, which calls ``flush()`` periodically): see BatchingHandler;
+    files are always batched. Records are not asked for their source line, thread or
+    process (nothing shows them, the formatter knows the pid): that is most of a record's cost.
     """
+    new = handler(fmt, target, stream, batched)  # first: a target that fails leaves logging as it was
     logging._srcfile = None  # type: ignore[attr-defined]  # the logging HOWTO's optimisation
     logging.logThreads = False
     logging.logMultiprocessing = False
-    logging.logProcesses = False  # getpid() is a system call per record: the formatters know the pid
-    out = stream or sys.stderr
-    handler = BatchingHandler(out) if batched else logging.StreamHandler(out)
-    handler.setFormatter(formatter(fmt))
+    logging.logProcesses = False
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    root.addHandler(new)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)
 
 
 def flush() -> None:
     """Write every pending log line now."""
-    for handler in logging.getLogger().handlers:
-        handler.flush()
+    for h in logging.getLogger().handlers:
+        h.flush()
+
+
+def reopen() -> int:
+    """Reopen the log files (SIGUSR1, after logrotate); returns how many there were."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, FileHandler)]
+    for h in files:
+        h.reopen()
+    return len(files)
+
+
+# -- the configuration dump -------------------------------------------------------------
 
 
 def settings(config: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from greenmail.metrics import Metrics
 from greenmail.queue import Claim, DeliveryQueue
 
 log = logging.getLogger("greenmail.queue")
+bounce_log = logging.getLogger("greenmail.bounce")  # Postfix's bounce service: the notification lines
 
 
 def direct_call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -64,6 +65,7 @@ class Outbox:
         self.clock = clock
         self.shield = shield  # runs a settling step so that a kill cannot cut it in half
         self.offload = offload or (lambda fn, args=(), kwargs=None: fn(*args, **(kwargs or {})))
+        self.started = clock()  # messages older than this were first seen at start-up (delays=a/...)
 
     @property
     def stopping(self) -> bool:
@@ -109,7 +111,9 @@ class Outbox:
         self._notify(claim, pending, age)
         next_at = math.ceil(self.clock() + self.jittered(claim.attempts + 1)) if pending else 0  # never early
         result = self.queue.settle(claim, next_at)
-        if result == "deferred":
+        if result == "delivered":
+            log.info("%s: removed", claim.id, extra={"fields": {"event": "removed", "queue_id": claim.id}})
+        elif result == "deferred":
             self.metrics.count("requeue", attempt.reason)
         self.metrics.count("attempt", result)
         return result
@@ -184,7 +188,7 @@ class Outbox:
         qid = self.queue.enqueue("", [sender], dsn)
         if action == "failed":
             self.metrics.count("bounce")
-        log.info(
+        bounce_log.info(
             "%s: sender %s notification: %s", claim.id, "non-delivery" if action == "failed" else "delay", qid
         )
 

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 from gevent import GreenletExit
 
-from greenmail import esmtp, wire
+from greenmail import esmtp, maillog, wire
 from greenmail.connection import Connection, Transport
 from greenmail.errors import SmtpError
 from greenmail.outbox import Attempt, Outbox
@@ -70,6 +70,8 @@ class Session:
         self.conn = Connection(transport)
         self.client = self.conn.client  # the connection's protocol state (a new one per connect)
         self._sent = 0  # messages delivered on this connection
+        self._connected = 0.0  # when the connection began to be opened (time.time(), for delays=)
+        self._began = 0.0  # when the message being delivered began its turn
         self._inflight: deque[Taken] = deque()  # taken, in order; the head is being delivered
 
     @property
@@ -78,6 +80,7 @@ class Session:
 
     def run(self) -> None:
         started = time.monotonic()
+        self._connected = time.time()
         self.metrics.active += 1
         try:
             try:
@@ -125,6 +128,7 @@ class Session:
 
     def _deliver(self, taken: Taken) -> bool:
         """One message; True when the connection is fit for the next one."""
+        self._began = time.time()
         claim = taken.claim
         try:
             if not claim.pending():  # settled before a crash: nothing to send
@@ -363,21 +367,10 @@ class Session:
 
     def _log_rcpt(self, claim: Claim, rcpt: str, status: str, dsn: str, reply: str) -> None:
         """The Postfix-style line for one recipient of one attempt (fields also for --log-format json)."""
-        delay = round(time.time() - claim.queued_at, 2)
-        attempts = claim.attempts + 1
-        line = (
-            f"{claim.id}: to=<{rcpt}>, relay={self.relay}, delay={delay:.2f}, attempts={attempts}, "
-            f"dsn={dsn}, status={status} ({reply})"
+        timing = maillog.Timing(
+            claim.queued_at, self.outbox.started, self._connected, self._sent == 0, self._began
         )
-        fields = {
-            "event": "delivery",
-            "queue_id": claim.id,
-            "to": rcpt,
-            "relay": self.relay,
-            "delay": delay,
-            "attempts": attempts,
-            "dsn": dsn,
-            "status": status,
-            "reply": reply,
-        }
+        line, fields = maillog.delivery(
+            claim.id, rcpt, self.relay, timing, (dsn, status, reply), claim.attempts + 1
+        )
         log.info(line, extra={"fields": fields})  # no arguments: the line is not %-formatted again

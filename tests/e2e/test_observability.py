@@ -293,7 +293,7 @@ def test_every_alert_rule_evaluates_without_error(prometheus: pt.Prometheus) -> 
 # -- logs and shutdown (last: they stop the daemon) ------------------------------------------
 
 FIELDS = {"time", "level", "logger", "pid", "event", "message"}
-DELIVERY_FIELDS = {"queue_id", "to", "relay", "delay", "attempts", "dsn", "status", "reply"}
+DELIVERY_FIELDS = {"queue_id", "to", "relay", "delay", "delays", "attempts", "dsn", "status", "reply"}
 
 
 def test_shutdown_is_clean_and_json_logs_carry_the_fields(stack: Stack) -> None:
@@ -316,6 +316,8 @@ def test_shutdown_is_clean_and_json_logs_carry_the_fields(stack: Stack) -> None:
         assert re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", x["dsn"]), x
         assert x["relay"] == f"127.0.0.1[127.0.0.1]:{stack.relay_port}"
         assert x["message"].startswith(f"{x['queue_id']}: to=<{x['to']}>, relay={x['relay']}, delay=")
+        assert len(x["delays"]) == 4 and min(x["delays"]) >= 0, x
+        assert abs(sum(x["delays"]) - x["delay"]) <= 0.03, x  # a + b + c + d = delay, each rounded
     if len(stack.queue_ids) == len(SCENARIOS):
         status = {to.split("@")[0]: (x["status"], x["dsn"]) for to, x in deliveries.items()}
         assert status == {
@@ -337,9 +339,11 @@ def test_text_log_line_is_postfix_style(tmp_path: Path) -> None:
     assert r.returncode == 0, err
     assert BODY_MARKER not in err
     line = re.compile(
-        rf"\S+ \S+ greenmail\[\d+\]: INFO {qid}: to=<you@example\.net>, "
-        rf"relay=127\.0\.0\.1\[127\.0\.0\.1\]:{relay.port}, delay=\d+\.\d\d, attempts=1, "
-        r"dsn=2\.0\.0, status=sent \(250 2\.0\.0 queued\)"
+        rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}[+-]\d\d:\d\d \S+ greenmail/smtp\[\d+\]: {qid}: "
+        rf"to=<you@example\.net>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{relay.port}, delay=\d+\.\d\d, "
+        r"delays=[\d.]+/[\d.]+/[\d.]+/[\d.]+, dsn=2\.0\.0, status=sent \(250 2\.0\.0 queued\)"
     )
     assert any(line.fullmatch(x) for x in err.splitlines()), err
-    assert "INFO configuration: spool.path=" in err and "INFO greenmail started:" in err
+    assert re.search(rf"greenmail/qmgr\[\d+\]: {qid}: removed$", err, re.M), err
+    assert re.search(r"greenmail/master\[\d+\]: configuration: spool\.path=", err), err
+    assert re.search(r"greenmail/master\[\d+\]: greenmail started: ", err), err

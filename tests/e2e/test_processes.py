@@ -27,8 +27,8 @@ from aiosmtpd_server import Relay, drop_many, queued, start_daemon, start_relay
 MAX_CONNECTIONS = 4
 BULK = 300
 
-# greenmail[PID]: INFO QUEUEID: to=<...>, relay=..., ... status=sent (...)
-SENT = re.compile(r"greenmail\[(\d+)\]: INFO (\S+): to=<[^>]*>, relay=\S+, .*status=sent \(")
+# greenmail/smtp[PID]: QUEUEID: to=<...>, relay=..., ... status=sent (...)
+SENT = re.compile(r"greenmail/smtp\[(\d+)\]: (\S+): to=<[^>]*>, relay=\S+, .*status=sent \(")
 
 
 # -- processes, read from /proc ------------------------------------------------------------
@@ -99,7 +99,7 @@ def one_worker(daemon: support.Process, timeout: float = 10) -> tuple[int, str]:
 
     pid, arg = support.wait_until(found, timeout, what="the child worker")
     assert arg == "1/2", f"the child of a processes = 2 daemon runs as --worker {arg}"
-    start_line = f"greenmail[{pid}]: INFO greenmail started"
+    start_line = f"greenmail/master[{pid}]: greenmail started"
     support.wait_until(lambda: start_line in daemon.text(), timeout, what="the child's start line")
     return pid, arg
 
@@ -315,8 +315,8 @@ def test_a_killed_child_is_replaced_and_nothing_is_lost(tmp_path: Path) -> None:
 
         support.wait_until(lambda: sent_by_pid(daemon.text()).get(new), 5, what="the new child's deliveries")
         log = daemon.text()
-        assert re.search(rf"greenmail\[{parent}\]: (ERROR|CRITICAL) ", log), "the parent logged no error"
-        returned = re.search(rf"greenmail\[{new}\]: .* (\d+) claims of dead daemons returned", log)
+        assert re.search(rf"greenmail/master\[{parent}\]: (error|fatal): ", log), "the parent logged no error"
+        returned = re.search(rf"greenmail/master\[{new}\]: .* (\d+) claims of dead daemons returned", log)
         assert returned, "the new child did not return the dead child's claims"
         assert int(returned.group(1)) == len(claims), (returned.group(0), claims)
         assert stop_all(daemon, pids) == 0, daemon.text()
@@ -343,8 +343,8 @@ def test_children_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
         assert alive(child), "the child died with the parent: the test proves nothing"
         support.wait_until(lambda: not alive(child), 10, interval=0.05, what="the orphaned child to exit")
         log = daemon.text()
-        assert re.search(rf"greenmail\[{child}\]: WARNING the supervising process is gone", log), log
-        assert re.search(rf"greenmail\[{child}\]: INFO greenmail stopped", log), log  # a clean exit
+        assert re.search(rf"greenmail/master\[{child}\]: warning: the supervising process is gone", log), log
+        assert re.search(rf"greenmail/master\[{child}\]: greenmail stopped", log), log  # a clean exit
         assert "Traceback" not in log, log
     finally:
         if daemon is not None:

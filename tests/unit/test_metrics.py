@@ -322,7 +322,7 @@ def test_text_format_is_the_postfix_style_prefix() -> None:
     out = capture(
         "text", lambda log: log.info("Q1: to=<x@example.net>, status=sent", extra={"fields": DELIVERY})
     )
-    assert re.fullmatch(r"\S+ \S+ greenmail\[\d+\]: INFO Q1: to=<x@example.net>, status=sent\n", out)
+    assert re.fullmatch(r"\S+ \S+ greenmail/smtp\[\d+\]: Q1: to=<x@example.net>, status=sent\n", out)
 
 
 def test_unknown_format() -> None:
@@ -363,7 +363,8 @@ def test_configuration_line_never_shows_the_password(
             logging.captureWarnings(False)
         err = capsys.readouterr().err
         text, js = err.splitlines()
-        assert "INFO configuration: spool.path=" in text and json.loads(js)["event"] == "config"
+        assert re.search(r"greenmail/master\[\d+\]: configuration: spool\.path=", text)
+        assert json.loads(js)["event"] == "config"
         assert "hunter2" not in err
 
 

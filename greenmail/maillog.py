@@ -1,0 +1,92 @@
+"""The mail-log lines in Postfix's shape, which pflogsumm and other mail-log tools count.
+
+Owns: the content of a recipient's delivery line (to=, relay=, delay=, delays=a/b/c/d,
+dsn=, status=) with its timing, the queue-entry line (from=, size=, nrcpt=) and a local
+pickup's line (uid=, from=); each as (text, JSON fields). The logger a caller logs
+them on gives the service tag (logfmt.SERVICES: greenmail.session is smtp, ...).
+Must not touch: logging set-up, sockets, the spool. Imports nothing of greenmail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """When things happened to one delivery attempt (time.time() values).
+
+    ``seen``: when the daemon first saw the message (its start, for older messages);
+    ``connected``: when the connection the message went on began to be opened;
+    ``first``: the connection was opened for this message (else it was reused);
+    ``claimed``: when this attempt took the message.
+    """
+
+    queued: float
+    seen: float
+    connected: float
+    first: bool
+    claimed: float
+
+
+def delays(t: Timing, done: float) -> tuple[float, float, float, float]:
+    """Postfix's delays=a/b/c/d: before the daemon saw it, in the queue, connection set-up, transmission.
+
+    a + b + c + d = done - queued. A reused connection costs this message no set-up (c = 0).
+    """
+    seen = max(t.queued, t.seen)
+    if t.first:
+        start = max(t.connected, seen)
+        b, c = max(0.0, t.connected - seen), max(0.0, t.claimed - start)
+    else:
+        b, c = max(0.0, t.claimed - seen), 0.0
+    return seen - t.queued, b, c, max(0.0, done - t.claimed)
+
+
+def _short(x: float) -> str:
+    """A delay as Postfix writes delays=: 0 below 0.01 s, else at most two decimals."""
+    return "0" if x < 0.005 else f"{x:.2f}".rstrip("0").rstrip(".")
+
+
+def delivery(
+    qid: str, rcpt: str, relay: str, timing: Timing, result: tuple[str, str, str], attempts: int
+) -> tuple[str, dict[str, Any]]:
+    """One recipient's line for one attempt, Postfix's field set, and its JSON fields.
+
+    ``result`` is (dsn, status, reply); status is sent, deferred or bounced.
+    """
+    dsn, status, reply = result
+    done = time.time()
+    delay = round(max(0.0, done - timing.queued), 2)
+    parts = delays(timing, done)
+    line = (
+        f"{qid}: to=<{rcpt}>, relay={relay}, delay={delay:.2f}, delays={'/'.join(map(_short, parts))}, "
+        f"dsn={dsn}, status={status} ({reply})"
+    )
+    fields = {
+        "event": "delivery",
+        "queue_id": qid,
+        "to": rcpt,
+        "relay": relay,
+        "delay": delay,
+        "delays": [round(x, 2) for x in parts],
+        "attempts": attempts,
+        "dsn": dsn,
+        "status": status,
+        "reply": reply,
+    }
+    return line, fields
+
+
+def queue_entry(qid: str, sender: str, size: int, nrcpt: int) -> tuple[str, dict[str, Any]]:
+    """The queue manager's line for a message entering the queue (log it on greenmail.queue)."""
+    line = f"{qid}: from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)"
+    return line, {"event": "queued", "queue_id": qid, "from": sender, "size": size, "nrcpt": nrcpt}
+
+
+def pickup(qid: str, uid: int, sender: str) -> tuple[str, dict[str, Any]]:
+    """A local submission's line (log it on greenmail.pickup): pflogsumm counts it as received."""
+    line = f"{qid}: uid={uid} from=<{sender}>"
+    return line, {"event": "pickup", "queue_id": qid, "uid": uid, "from": sender}
