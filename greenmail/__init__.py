@@ -19,13 +19,16 @@ def enqueue(
 ) -> str:
     """Put one message durably into the spool at ``spool``; return its queue id.
 
-    The same as ``greenmail enqueue`` without a process start: addresses are
-    checked (AddressError), Date:/Message-ID: added when missing, the file
+    The same as ``greenmail enqueue`` without a process start: local
+    addresses rewritten with this host's defaults (root -> root@origin; no
+    aliases), addresses checked (AddressError), From:/Date:/Message-ID: added
+    when missing, the file
     fsync'd and renamed into outgoing/ before this returns.
     """
+    from greenmail.dropoff import default_rewriter
     from greenmail.spool import Spool
 
-    s = Spool(spool)
+    s = Spool(spool, rewriter=default_rewriter())
     s.ensure()
     return s.enqueue(sender, recipients, message)
 
@@ -39,8 +42,9 @@ def enqueue_many(
     Faster than one ``enqueue`` per message: the files are fsync'd together
     and the directory once. Returns the queue ids in order.
     """
+    from greenmail.dropoff import default_rewriter
     from greenmail.spool import Spool
 
-    s = Spool(spool)
+    s = Spool(spool, rewriter=default_rewriter())
     s.ensure()
     return s.enqueue_many(messages)

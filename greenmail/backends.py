@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from greenmail.addresses import Rewriter
 from greenmail.config import Config
 from greenmail.queue import DeliveryQueue, QueueAdmin
 
@@ -18,7 +19,7 @@ def admin_queue(cfg: Config) -> QueueAdmin:
     """The queue for enqueue and the operator's commands, created where missing (else SpoolError)."""
     from greenmail.spool import Spool
 
-    spool = Spool(cfg.spool.path)
+    spool = Spool(cfg.spool.path, rewriter=rewriter(cfg))
     spool.ensure()
     return spool
 
@@ -28,4 +29,9 @@ def delivery_queue(cfg: Config, offload: Any, worker: tuple[int, int]) -> Delive
     from greenmail.spool import Spool
     from greenmail.spoolqueue import SpoolQueue
 
-    return SpoolQueue(Spool(cfg.spool.path), offload, worker=worker)
+    return SpoolQueue(Spool(cfg.spool.path, rewriter=rewriter(cfg)), offload, worker=worker)
+
+
+def rewriter(cfg: Config) -> Rewriter:
+    """The address rewriting of [addresses], applied at submission."""
+    return Rewriter(**cfg.addresses.settings())

@@ -85,6 +85,22 @@ def _mechanisms(v: Any) -> str | None:
     return None
 
 
+def _domain(v: Any) -> str | None:
+    if not isinstance(v, str) or not v:
+        return "expected a domain name"
+    if "@" in v or any(c.isspace() or c in "<>,[]" for c in v) or v.startswith(".") or ".." in v:
+        return "expected a domain name (no @, spaces or brackets)"
+    return None
+
+
+def _mailbox(v: Any) -> str | None:
+    if not isinstance(v, str) or v.count("@") < 1 or v.startswith("@") or v.endswith("@"):
+        return "expected an address local@domain"
+    if any(c.isspace() or c in "<>," for c in v):
+        return "expected an address local@domain (no spaces, brackets or commas)"
+    return None
+
+
 def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "expected true or false"
 
@@ -139,6 +155,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
     },
     "timeouts": {k: _positive_duration for k in TIMEOUTS},
     "metrics": {"listen": _listen},
+    "addresses": {"origin": _domain, "aliases": _path, "admin": _mailbox, "hostname": _domain},
 }
 
 

@@ -144,6 +144,25 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AddressesConfig:
+    """[addresses]: how local names are rewritten at submission (addresses.py)."""
+
+    origin: str | None = None  # None: /etc/mailname's first line, else the host name
+    aliases: Path | None = None
+    admin: str | None = None
+    hostname: str | None = None  # None: this host's FQDN
+
+    def settings(self) -> dict[str, str | None]:
+        """The Rewriter's keyword arguments (plain values: kept in the submission cache)."""
+        return {
+            "origin": self.origin,
+            "hostname": self.hostname,
+            "admin": self.admin,
+            "aliases": str(self.aliases) if self.aliases else None,
+        }
+
+
+@dataclass(frozen=True)
 class Config:
     spool: SpoolConfig
     relay: RelayConfig
@@ -152,6 +171,7 @@ class Config:
     timeouts: Timeouts
     metrics: MetricsConfig
     source: Path | None = None
+    addresses: AddressesConfig = AddressesConfig()
 
 
 def find(path: str | os.PathLike[str] | None) -> Path:
@@ -174,13 +194,25 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     except OSError as e:
         raise ConfigError(f"{file}: cannot read configuration: {e.strerror}") from None
     cfg = parse(data, file)
-    confcache.store(str(file), submission_settings(cfg))
+    from greenmail.addresses import MAILNAME
+
+    confcache.store(str(file), submission_settings(cfg), [MAILNAME])
     return cfg
 
 
 def submission_settings(cfg: Config) -> dict[str, Any]:
-    """What ``greenmail enqueue`` needs of the configuration (kept by confcache.py)."""
-    return {"spool": str(cfg.spool.path)}
+    """What ``greenmail enqueue`` needs of the configuration (kept by confcache.py).
+
+    The host's names are resolved here, once (the cache is also keyed by
+    /etc/mailname): a submission from the cache neither reads it nor asks the resolver.
+    """
+    from greenmail.addresses import Rewriter
+
+    rw = Rewriter(**cfg.addresses.settings())
+    return {
+        "spool": str(cfg.spool.path),
+        "addresses": {**cfg.addresses.settings(), "origin": rw.origin, "hostname": rw.hostname},
+    }
 
 
 def parse(data: bytes, file: Path) -> Config:
@@ -203,7 +235,15 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Co
         timeouts=Timeouts(**sections.get("timeouts", {})),
         metrics=MetricsConfig(**sections.get("metrics", {})),
         source=source,
+        addresses=_addresses(sections.get("addresses", {}), base),
     )
+
+
+def _addresses(values: dict[str, Any], base: Path) -> AddressesConfig:
+    v = dict(values)
+    if "aliases" in v:
+        v["aliases"] = _under(base, v["aliases"])
+    return AddressesConfig(**v)
 
 
 def _under(base: Path, path: str) -> Path:

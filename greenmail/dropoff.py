@@ -1,13 +1,19 @@
 """Putting messages into the spool durably: the writing half that every way in shares.
 
-Owns: the checks at submission (addresses, an empty message, an envelope too
-big for a queue file), the bytes a new queue file starts with (the envelope
-lines, a trace header the caller may give, the Date:/Message-ID: headers
-added where missing), and the durable write: O_EXCL create in tmp/, write,
-fsync, a rename into outgoing/ that never replaces a file, fsync of the
-directory. ``Incoming`` is that write fed chunk by chunk (the SMTP listener);
-``enqueue_many`` writes whole messages, several at once. Whether a message
-has 8-bit bytes is seen here, once, and kept in the file's mode (layout.mode).
+Owns: the checks at submission (addresses, after addresses.py rewrote them;
+an empty message; an envelope too big for a queue file), the bytes a new
+queue file starts with (the envelope lines, a trace header the caller may
+give, the From:/Date:/Message-ID: headers added where missing), and the
+durable write: O_EXCL create in tmp/, write, fsync, a rename into outgoing/
+that never replaces a file, fsync of the directory. A user who may not write
+tmp/ (any local user but the daemon's) writes into maildrop/ instead: the
+same file under a dot name, made group-readable for the daemon, fsync'd,
+renamed to its final name and fsync'd again (the directory cannot be opened
+by the user: on ext4 and xfs the second fsync commits the rename with the
+inode). The daemon picks it up (spool.py). ``Incoming`` is that write fed
+chunk by chunk (the SMTP listener); ``enqueue_many`` writes whole messages,
+several at once. Whether a message has 8-bit bytes is seen here, once, and
+kept in the file's mode (layout.mode).
 Must not touch: claims, scans, delivery state (spool.py), gevent.
 """
 
@@ -17,6 +23,7 @@ import os
 import time
 
 from greenmail import address, layout
+from greenmail.addresses import Rewriter
 from greenmail.errors import EnqueueError
 
 TYPE_CHECKING = False
@@ -59,8 +66,11 @@ def _header_end(head: bytes) -> int:
     return min(ends) if ends else -1
 
 
-def added_headers(head: bytes, qid: str) -> bytes:
-    """Date:/Message-ID: lines for a message starting with ``head``, where missing.
+def added_headers(head: bytes, qid: str, hostname: str = layout.HOST, sender: str | None = None) -> bytes:
+    """From:/Date:/Message-ID: lines for a message starting with ``head``, where missing.
+
+    From: is the envelope sender (MAILER-DAEMON@hostname for the null
+    sender), added only when ``sender`` is given.
 
     ``head`` is the first bytes of the message (its header block, or as much
     of it as was read). When the message does not start with a header line,
@@ -74,10 +84,12 @@ def added_headers(head: bytes, qid: str) -> bytes:
     else:
         block = b""  # no header section: whatever looks like one is body
     lines = []
+    if sender is not None and b"\nfrom:" not in block:
+        lines.append(f"From: <{sender or 'MAILER-DAEMON@' + hostname}>".encode())
     if b"\ndate:" not in block:
         lines.append(b"Date: " + rfc5322_date().encode())
     if b"\nmessage-id:" not in block:
-        lines.append(f"Message-ID: <{qid}@{layout.HOST}>".encode())
+        lines.append(f"Message-ID: <{qid}@{hostname}>".encode())
     if not lines:
         return b""
     out = eol.join(lines) + eol
@@ -106,14 +118,22 @@ class Incoming:
         sender: str,
         recipients: Sequence[str],
         trace: Callable[[str], bytes] | None = None,
+        rewriter: Rewriter | None = None,
     ) -> None:
         self.spool = spool
+        if rewriter is not None:  # a submission: addresses rewritten, From: added where missing
+            self.hostname: str = rewriter.hostname
+            sender, recipients = rewriter.sender(sender), rewriter.recipients(recipients)
+        else:  # the queue's own mail (notifications) and the backend used directly: as given
+            self.hostname = layout.HOST
+        self._from = rewriter is not None
         self.sender = address.check(sender, null_ok=True)
         self.recipients = list(dict.fromkeys(address.check(r) for r in recipients))  # each address once
         if not self.recipients:
             raise EnqueueError("no recipients")
         envelope = envelope_lines(self.sender, self.recipients)
         self.id, fd, self._tmp = _create_tmp(spool)
+        self.maildrop = self._tmp.startswith(f"{spool}/{layout.MAILDROP}/")
         self._file = os.fdopen(fd, "wb")
         self._head: list[bytes] | None = []  # chunks held until the header block is seen
         self._held = 0
@@ -125,6 +145,8 @@ class Incoming:
         if not data:
             return
         self.size += len(data)
+        if self.maildrop and self.size > layout.MAX_MAILDROP:
+            raise EnqueueError(f"message too big: at most {layout.MAX_MAILDROP} bytes from a local user")
         self.eight_bit = self.eight_bit or not data.isascii()
         if self._head is None:
             self._file.write(data)
@@ -143,7 +165,8 @@ class Incoming:
         assert self._head is not None
         head = b"".join(self._head)
         self._head = None
-        self._file.write(self._prefix + added_headers(head[:HEAD], self.id) + head)
+        added = added_headers(head[:HEAD], self.id, self.hostname, self.sender if self._from else None)
+        self._file.write(self._prefix + added + head)
 
     def sync(self) -> None:
         """Write what is held and fsync the file; EnqueueError for an empty message."""
@@ -152,12 +175,22 @@ class Incoming:
                 raise EnqueueError("empty message")
             self._start()
         self._file.flush()
+        if self.maildrop:
+            os.fchmod(self._file.fileno(), layout.MAILDROP_FILE_MODE)
+            os.fsync(self._file.fileno())
+            return  # kept open: fsync'd again after the rename (see the module's docstring)
         os.fchmod(self._file.fileno(), layout.mode(self.eight_bit))
         os.fsync(self._file.fileno())
         self._file.close()
 
     def publish(self) -> str:
-        """Rename the file into outgoing/ under its final name; returns that name."""
+        """Rename the file into outgoing/ (maildrop/) under its final name; returns that name."""
+        if self.maildrop:
+            layout.link_new(self._tmp, f"{self.spool}/{layout.MAILDROP}/{self.id}")
+            self._tmp = f"{self.spool}/{layout.MAILDROP}/{self.id}"  # what abort removes now
+            os.fsync(self._file.fileno())
+            self._file.close()
+            return self.id
         layout.link_new(self._tmp, f"{self.spool}/{layout.OUTGOING}/{self.id}")
         return self.id
 
@@ -166,11 +199,12 @@ class Incoming:
         try:
             self.sync()
             name = self.publish()
-            try:
-                layout.fsync_dir(f"{self.spool}/{layout.OUTGOING}")
-            except BaseException:
-                _unlink_quietly(f"{self.spool}/{layout.OUTGOING}/{name}")
-                raise
+            if not self.maildrop:
+                try:
+                    layout.fsync_dir(f"{self.spool}/{layout.OUTGOING}")
+                except BaseException:
+                    _unlink_quietly(f"{self.spool}/{layout.OUTGOING}/{name}")
+                    raise
         except BaseException as e:
             self.abort()
             _reraise(e, self.spool)
@@ -185,15 +219,30 @@ class Incoming:
 class Dropoff:
     """The submission side of a spool and nothing more: what ``greenmail enqueue`` needs, light."""
 
-    def __init__(self, spool: str) -> None:
+    def __init__(self, spool: str, rewriter: Rewriter | None = None) -> None:
         layout.ensure(spool)
         self.spool = spool
+        self.rewriter = rewriter
 
     def enqueue(self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO) -> str:
-        return enqueue_many(self.spool, [(sender, recipients, message)])[0]
+        return enqueue_many(self.spool, [(sender, recipients, message)], self.rewriter)[0]
 
 
-def enqueue_many(spool: str, messages: Iterable[tuple[str, Sequence[str], bytes | BinaryIO]]) -> list[str]:
+_DEFAULT: list[Rewriter] = []
+
+
+def default_rewriter() -> Rewriter:
+    """The host's defaults (no aliases), for a caller that gives no configuration."""
+    if not _DEFAULT:
+        _DEFAULT.append(Rewriter())
+    return _DEFAULT[0]
+
+
+def enqueue_many(
+    spool: str,
+    messages: Iterable[tuple[str, Sequence[str], bytes | BinaryIO]],
+    rewriter: Rewriter | None = None,
+) -> list[str]:
     """Write messages durably into ``spool``/outgoing/, all or none; their queue ids in order.
 
     Each is written and fsync'd in tmp/ (several fsyncs at once: the
@@ -206,12 +255,12 @@ def enqueue_many(spool: str, messages: Iterable[tuple[str, Sequence[str], bytes 
     try:
         items = list(messages)
         if len(items) == 1:
-            written.append(_write(spool, *items[0]))
+            written.append(_write(spool, *items[0], rewriter))
         elif items:
             from concurrent.futures import ThreadPoolExecutor  # only batches need it
 
             with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
-                futures = [pool.submit(_write, spool, *item) for item in items]
+                futures = [pool.submit(_write, spool, *item, rewriter) for item in items]
                 for f in futures:  # every one, so that a failure leaves none behind
                     if f.exception() is None:
                         written.append(f.result())
@@ -219,18 +268,22 @@ def enqueue_many(spool: str, messages: Iterable[tuple[str, Sequence[str], bytes 
                     f.result()
         for incoming in written:
             published.append(incoming.publish())
-        layout.fsync_dir(f"{spool}/{layout.OUTGOING}")
+        if any(not incoming.maildrop for incoming in written):
+            layout.fsync_dir(f"{spool}/{layout.OUTGOING}")
     except BaseException as e:
         for incoming in written:
             incoming.abort()
-        for name in published:
-            _unlink_quietly(f"{spool}/{layout.OUTGOING}/{name}")
+        for incoming in written:
+            if incoming.id in published and not incoming.maildrop:
+                _unlink_quietly(f"{spool}/{layout.OUTGOING}/{incoming.id}")
         _reraise(e, spool)
     return [incoming.id for incoming in written]
 
 
-def _write(spool: str, sender: str, recipients: Sequence[str], message: bytes | BinaryIO) -> Incoming:
-    incoming = Incoming(spool, sender, recipients)
+def _write(
+    spool: str, sender: str, recipients: Sequence[str], message: bytes | BinaryIO, rewriter: Rewriter | None
+) -> Incoming:
+    incoming = Incoming(spool, sender, recipients, rewriter=rewriter)
     try:
         for chunk in _chunks(message):
             incoming.write(chunk)
@@ -256,16 +309,30 @@ def _reraise(e: BaseException, spool: str) -> None:
 
 
 def _create_tmp(spool: str) -> tuple[str, int, str]:
+    """A new file in tmp/, or maildrop/.ID for a user who may not write tmp/: (id, fd, path)."""
+    where = f"{spool}/{layout.TMP}/"
     for _ in range(100):
         qid = layout.new_id()
-        tmp = f"{spool}/{layout.TMP}/{qid}"
+        tmp = f"{where}{qid}"
         try:
             return qid, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
         except FileExistsError:
             continue
+        except PermissionError as e:
+            if where != f"{spool}/{layout.TMP}/" or not _other_user(spool):
+                raise EnqueueError(f"spool {spool}: cannot write: {e.strerror}") from None
+            where = f"{spool}/{layout.MAILDROP}/."  # another local user: the drop-off directory
         except OSError as e:
             raise EnqueueError(f"spool {spool}: cannot write: {e.strerror}") from None
     raise EnqueueError("cannot find a free queue id")
+
+
+def _other_user(spool: str) -> bool:
+    """Whether this process is a local user other than root and the spool's owner (and maildrop/ is there)."""
+    try:
+        return os.geteuid() not in (0, os.stat(spool).st_uid) and os.path.isdir(f"{spool}/{layout.MAILDROP}")
+    except OSError:
+        return False
 
 
 def _unlink_quietly(path: str) -> None:

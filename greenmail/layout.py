@@ -28,6 +28,13 @@ TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, HOLD, META, OWNERS = (
     "owners",
 )
 DIRS = (TMP, OUTGOING, ACTIVE, FAILED, CORRUPT, HOLD, META, OWNERS)
+# Submissions by other local users: write and enter, never list or read (sticky: nobody removes
+# another's file; setgid: every file gets the directory's group, through which the daemon reads it).
+MAILDROP = "maildrop"
+MAILDROP_MODE = 0o3733
+MAILDROP_FILE_MODE = 0o640
+ROOT_MODE = 0o711  # others may pass through the spool directory to maildrop/, nothing more
+MAX_MAILDROP = 64 * 1024 * 1024  # bytes a local user's submission may have (checked again at pickup)
 ID_LENGTH = 24
 MAX_ENVELOPE = 1024 * 1024  # the two envelope lines of a queue file together
 _HEX = frozenset("0123456789ABCDEF")
@@ -38,20 +45,38 @@ HOST = (
 
 
 def ensure(spool: str) -> None:
-    """Create the spool directory (and its parents) and its subdirectories, mode 0700, where missing.
+    """Create the spool directory (and its parents) and its subdirectories, where missing.
 
-    SpoolError (naming the spool) when that cannot be done.
+    The spool is made mode 0711, its subdirectories 0700, maildrop/ 3733
+    (modes set explicitly: the umask does not matter). SpoolError (naming
+    the spool) when that cannot be done.
     """
     try:
-        os.makedirs(spool, 0o700, exist_ok=True)
+        try:
+            os.mkdir(spool, ROOT_MODE)
+            os.chmod(spool, ROOT_MODE)
+        except FileNotFoundError:
+            os.makedirs(spool, 0o755, exist_ok=True)
+            os.chmod(spool, ROOT_MODE)
+        except FileExistsError:
+            if not os.path.isdir(spool):
+                raise
         for d in DIRS:
-            try:
-                os.mkdir(f"{spool}/{d}", 0o700)
-            except FileExistsError:
-                if not os.path.isdir(f"{spool}/{d}"):
-                    raise
+            _mkdir(f"{spool}/{d}", 0o700)
+        _mkdir(f"{spool}/{MAILDROP}", MAILDROP_MODE)
     except OSError as e:
         raise SpoolError(f"spool {spool}: cannot create: {e.strerror}") from None
+
+
+def _mkdir(path: str, mode: int) -> None:
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    if mode != 0o700:
+        os.chmod(path, mode)  # the umask took bits away, and mkdir never sets the sticky/setgid bits
 
 
 def new_id() -> str:

@@ -80,10 +80,14 @@ def delivery(
     return line, fields
 
 
-def queue_entry(qid: str, sender: str, size: int, nrcpt: int) -> tuple[str, dict[str, Any]]:
+def queue_entry(
+    qid: str, sender: str, size: int, nrcpt: int, uid: int | None = None
+) -> tuple[str, dict[str, Any]]:
     """The queue manager's line for a message entering the queue (log it on greenmail.queue)."""
-    line = f"{qid}: from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)"
-    return line, {"event": "queued", "queue_id": qid, "from": sender, "size": size, "nrcpt": nrcpt}
+    who = f", uid={uid}" if uid is not None else ""
+    line = f"{qid}: from=<{sender}>, size={size}, nrcpt={nrcpt}{who} (queue active)"
+    fields = {"event": "queued", "queue_id": qid, "from": sender, "size": size, "nrcpt": nrcpt, "uid": uid}
+    return line, fields
 
 
 def pickup(qid: str, uid: int, sender: str) -> tuple[str, dict[str, Any]]:

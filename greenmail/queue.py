@@ -37,6 +37,7 @@ class State:
     errors: dict[str, str] = field(default_factory=dict)
     bounced: list[str] = field(default_factory=list)
     warned: bool = False
+    uid: int | None = None  # who submitted it, when not the queue file's owner (a local user's pickup)
 
     def pending(self, recipients: Iterable[str]) -> tuple[str, ...]:
         return tuple(r for r in recipients if r not in self.recipients)
@@ -45,7 +46,10 @@ class State:
         return [r for r, s in self.recipients.items() if s == "failed" and r not in self.bounced]
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        raw = asdict(self)
+        if raw["uid"] is None:
+            del raw["uid"]
+        return json.dumps(raw, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> State:
@@ -57,6 +61,7 @@ class State:
                 dict(raw.get("errors", {})),
                 list(raw.get("bounced", [])),
                 bool(raw.get("warned", False)),
+                raw.get("uid") if isinstance(raw.get("uid"), int) else None,
             )
         except (ValueError, AttributeError, TypeError):
             raise CorruptQueueFile("unreadable delivery state") from None

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from greenmail import dropoff, layout, owners, spooladmin
+from greenmail import dropoff, layout, maillog, owners, spooladmin
+from greenmail.addresses import Rewriter
 from greenmail.errors import CorruptQueueFile
 from greenmail.layout import ACTIVE, CORRUPT, FAILED, HOLD, META, OUTGOING, OWNERS, TMP, fsync_dir, rename_new
 from greenmail.layout import DIRS as DIRS
@@ -36,6 +37,7 @@ from greenmail.queue import Claim, Message, MessageInfo, State
 from greenmail.queuefile import HOST, Entry, Envelope, id_time, new_id, parse_name, read_envelope
 
 log = logging.getLogger("greenmail.spool")
+qlog = logging.getLogger("greenmail.queue")
 
 SMALL_BODY = 32 * 1024  # messages up to this size are read once, with the envelope
 STALE_TMP = 86400
@@ -74,8 +76,9 @@ class SpoolClaim(Claim):
 class Spool:
     """One spool directory. ``owner`` names this daemon in its claims."""
 
-    def __init__(self, path: Path | str, owner: str | None = None) -> None:
+    def __init__(self, path: Path | str, owner: str | None = None, rewriter: Rewriter | None = None) -> None:
         self.path = Path(path)
+        self.rewriter = rewriter
         self.owner = owner or new_owner()
         self._outgoing, self._active, self._meta, self._tmp = (
             str(self.path / d) for d in (OUTGOING, ACTIVE, META, TMP)
@@ -87,7 +90,7 @@ class Spool:
         return self.path / name
 
     def ensure(self) -> None:
-        """Create the spool directories (mode 0700) where missing; SpoolError if that cannot be done."""
+        """Create the spool directories where missing (layout.ensure); SpoolError if that cannot be done."""
         layout.ensure(str(self.path))
 
     # -- enqueue (dropoff.py writes) ---------------------------------------------
@@ -98,11 +101,11 @@ class Spool:
 
     def enqueue_many(self, messages: Iterable[Message]) -> list[str]:
         """Write messages durably into outgoing/, all or none; their queue ids in order."""
-        return dropoff.enqueue_many(str(self.path), messages)
+        return dropoff.enqueue_many(str(self.path), messages, self.rewriter)
 
     def incoming(self, sender: str, recipients: Sequence[str], trace: object = None) -> dropoff.Incoming:
         """A message to be written chunk by chunk (the SMTP listener)."""
-        return dropoff.Incoming(str(self.path), sender, recipients, trace)  # type: ignore[arg-type]
+        return dropoff.Incoming(str(self.path), sender, recipients, trace, self.rewriter)  # type: ignore[arg-type]
 
     # -- the delivery side -----------------------------------------------------
 
@@ -203,6 +206,10 @@ class Spool:
         state, has_meta = self._load_state(entry.id)
         queued_at = min(id_time(entry.id) or st.st_mtime, st.st_mtime)  # our ids carry the enqueue time
         eight_bit = layout.is_8bit(st.st_mode) if body is None else not body.isascii()
+        if not entry.attempts and not state.recipients:  # entering the queue: the first attempt
+            uid = state.uid if state.uid is not None else st.st_uid
+            line, fields = maillog.queue_entry(entry.id, env.sender, size, len(env.recipients), uid)
+            qlog.info("%s", line, extra={"fields": fields})
         return _claim(entry, path, env, state, size, queued_at, eight_bit, body, has_meta)
 
     def read_state(self, qid: str) -> State:

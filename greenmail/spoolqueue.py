@@ -30,7 +30,8 @@ import gevent
 from gevent.lock import Semaphore
 
 from greenmail.errors import CorruptQueueFile, SpoolError
-from greenmail.layout import OUTGOING, TMP, id_time
+from greenmail.layout import MAILDROP, OUTGOING, TMP, id_time
+from greenmail.pickup import pickup
 from greenmail.queue import Claim
 from greenmail.queuefile import Entry, parse_name, share
 from greenmail.spool import WAKE, Spool, SpoolClaim
@@ -115,6 +116,7 @@ class SpoolQueue:
             self._during = []
             try:
                 self.offload(self.spool.ensure)
+                self.offload(pickup, (self.spool,))
                 entries = self.offload(self.spool.scan)
             finally:
                 during, self._during = self._during, None
@@ -129,6 +131,7 @@ class SpoolQueue:
     def wakeup(self) -> int:
         """Cheap scan: index the names that appeared since the last look."""
         with self._scanning:
+            self.offload(pickup, (self.spool,))
             self._add(self.offload(self.spool.scan, (frozenset(self._known),)))
         return self.due()
 
@@ -382,6 +385,8 @@ class SpoolQueue:
         watched.
         """
         directory = self.spool.dir(OUTGOING)
+        maildrop = self.spool.dir(MAILDROP)
+        dropped = None
         watched = os.stat(directory).st_ino
         notify = Inotify.open(directory)
         seen = wake = None
@@ -404,6 +409,10 @@ class SpoolQueue:
                     due = due or time.monotonic() - last >= FORCED_WAKE_NOTIFIED
                     events = notify.events
                     notify.overflowed = False
+                with contextlib.suppress(OSError):  # another local user's submission (pickup.py)
+                    drop_mtime = os.stat(maildrop).st_mtime_ns
+                    due = due or (dropped is not None and drop_mtime != dropped)
+                    dropped = drop_mtime
                 if due:
                     last = time.monotonic()
                     self.wakeup()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from greenmail.exits import EX_CANTCREAT, EX_DATAERR, EX_USAGE, fail, load_config, open_queue
+from greenmail.exits import EX_CONFIG, EX_DATAERR, EX_TEMPFAIL, EX_USAGE, fail, load_config, open_queue
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -20,19 +20,26 @@ if TYPE_CHECKING:
 
 def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -> None:
     """``greenmail enqueue``: one message from stdin into the queue; prints its queue id."""
-    from greenmail.errors import AddressError, EnqueueError
+    from greenmail.errors import AddressError, ConfigError, EnqueueError
 
     if not sender:  # the null sender is written '<>'; an empty --from is a mistake
         fail("invalid address: empty address (use '<>' for the null sender)", EX_USAGE)
-    queue = _fast_queue(config_path) or open_queue(load_config(config_path))
+    queue = _fast_queue(config_path) or open_queue(load_config(config_path), EX_TEMPFAIL)
     try:
         qid = queue.enqueue(sender, recipients, sys.stdin.buffer)
     except AddressError as e:
         fail(f"invalid address: {e}", EX_USAGE)
+    except ConfigError as e:  # the aliases file, read on the first local recipient
+        fail(f"configuration error: {e}", EX_CONFIG)
     except EnqueueError as e:
-        fail(str(e), EX_DATAERR if "empty" in str(e) or "envelope too big" in str(e) else EX_CANTCREAT)
+        fail(str(e), EX_TEMPFAIL if is_tempfail(e) else EX_DATAERR)
     sys.stdout.write(qid + "\n")
     sys.stdout.flush()
+
+
+def is_tempfail(e: Exception) -> bool:
+    """Whether an EnqueueError is the spool's trouble (try again later), not the message's."""
+    return "cannot write" in str(e) or "cannot create" in str(e) or "free queue id" in str(e)
 
 
 def _fast_queue(config_path: str | None) -> Dropoff | None:
@@ -43,10 +50,11 @@ def _fast_queue(config_path: str | None) -> Dropoff | None:
     settings = confcache.read(file) if file else None
     if settings is None:
         return None
+    from greenmail.addresses import Rewriter
     from greenmail.dropoff import Dropoff
     from greenmail.errors import SpoolError
 
     try:
-        return Dropoff(settings["spool"])
+        return Dropoff(settings["spool"], Rewriter(**settings.get("addresses", {})))
     except SpoolError as e:
-        fail(str(e), EX_CANTCREAT)
+        fail(str(e), EX_TEMPFAIL)

@@ -106,17 +106,20 @@ def test_enqueue_prints_id_and_writes_the_queue_file(cfg: Path) -> None:
     assert len(msg.get_all("Date")) == 1 and len(msg.get_all("Message-ID")) == 1
 
 
-def test_enqueue_creates_the_spool_with_mode_0700(cfg: Path) -> None:
+def test_enqueue_creates_the_spool_private_but_for_the_drop_off_directory(cfg: Path) -> None:
     support.enqueue(cfg, PLAIN)
     spool = spool_of(cfg)
-    assert spool.stat().st_mode & 0o777 == 0o700
+    assert spool.stat().st_mode & 0o777 == 0o711  # others may only pass through, to maildrop/
     for sub in ("tmp", "outgoing", "outgoing_active", "failed", "corrupt"):
         assert (spool / sub).is_dir(), sub
+        assert (spool / sub).stat().st_mode & 0o777 == 0o700, sub
+    assert (spool / "maildrop").stat().st_mode & 0o7777 == 0o3733
 
 
 def test_enqueue_keeps_existing_date_and_message_id(cfg: Path) -> None:
     message = (
-        b"Date: Mon, 01 Jan 2024 10:00:00 +0000\nMessage-ID: <original@example.org>\nSubject: kept\n\nbody\n"
+        b"From: a@example.org\nDate: Mon, 01 Jan 2024 10:00:00 +0000\nMessage-ID: <original@example.org>\n"
+        b"Subject: kept\n\nbody\n"
     )
     qid = support.enqueue(cfg, message)
     _, _, stored = split_queue_file(queue_file(spool_of(cfg), qid))
@@ -124,7 +127,9 @@ def test_enqueue_keeps_existing_date_and_message_id(cfg: Path) -> None:
 
 
 def test_enqueue_header_names_are_case_insensitive(cfg: Path) -> None:
-    message = b"date: Mon, 01 Jan 2024 10:00:00 +0000\nMESSAGE-ID: <x@example.org>\nSubject: s\n\nbody\n"
+    message = (
+        b"from: a@example.org\ndate: Mon, 01 Jan 2024 10:00:00 +0000\nMESSAGE-ID: <x@example.org>\n\nbody\n"
+    )
     qid = support.enqueue(cfg, message)
     _, _, stored = split_queue_file(queue_file(spool_of(cfg), qid))
     assert stored == message
@@ -217,8 +222,7 @@ def test_enqueue_reads_a_large_message_whole(cfg: Path) -> None:
 # -- enqueue: errors ----------------------------------------------------------------------
 
 BAD_ADDRESSES = [
-    "",
-    "nodomain",
+    "",  # (a name without a domain is a local name: qualified, see test_local_submission.py)
     "a b@c.d",
     "a@b\x01",
     "<a@b.c>",

@@ -33,6 +33,7 @@ LIGHT = {
     "greenmail.address",
     "greenmail.layout",
     "greenmail.dropoff",
+    "greenmail.addresses",
     "greenmail.confcache",
     "errno",
 }

@@ -341,6 +341,7 @@ def test_schema_names_exactly_the_config_fields() -> None:
         "retry": config.RetryConfig,
         "timeouts": config.Timeouts,
         "metrics": config.MetricsConfig,
+        "addresses": config.AddressesConfig,
     }
     assert set(confcheck.SCHEMA) == set(sections)
     for name, cls in sections.items():

@@ -87,9 +87,11 @@ def test_host_name_matches_the_regex_version(name: str) -> None:
 def test_ensure_creates_missing_parents_and_every_directory(tmp_path: Path) -> None:
     spool = tmp_path / "a" / "b" / "spool"
     Spool(spool).ensure()
-    assert sorted(p.name for p in spool.iterdir()) == sorted(layout.DIRS)
-    for d in (spool, *(spool / n for n in layout.DIRS)):
+    assert sorted(p.name for p in spool.iterdir()) == sorted([*layout.DIRS, layout.MAILDROP])
+    for d in (spool / n for n in layout.DIRS):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o711
+    assert stat.S_IMODE((spool / layout.MAILDROP).stat().st_mode) == 0o3733
     Spool(spool).ensure()  # idempotent
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from greenmail import layout
 from greenmail.errors import AddressError, CorruptQueueFile, EnqueueError
-from greenmail.layout import ACTIVE, CORRUPT, DIRS, FAILED, META, OUTGOING, OWNERS, TMP
+from greenmail.layout import ACTIVE, CORRUPT, DIRS, FAILED, MAILDROP, META, OUTGOING, OWNERS, TMP
 from greenmail.queuefile import HOST, State, parse_name, read_envelope
 from greenmail.spool import Spool
 from greenmail.spool import SpoolClaim as Claim
@@ -58,14 +58,15 @@ def claim_one(spool: Spool) -> Claim:
 def test_ensure_creates_dirs_mode_0700(tmp_path: Path) -> None:
     s = Spool(tmp_path / "a" / "spool")
     s.ensure()
-    assert stat.S_IMODE(os.stat(s.path).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(s.path).st_mode) == 0o711  # others pass through to maildrop/ only
+    assert stat.S_IMODE(os.stat(s.dir(MAILDROP)).st_mode) == 0o3733
     for d in DIRS:
         st = os.stat(s.dir(d))
         assert stat.S_ISDIR(st.st_mode), d
         assert stat.S_IMODE(st.st_mode) == 0o700, d
     assert set(DIRS) >= {TMP, OUTGOING, ACTIVE, FAILED, CORRUPT}
     s.ensure()  # idempotent
-    assert sorted(os.listdir(s.path)) == sorted(DIRS)
+    assert sorted(os.listdir(s.path)) == sorted([*DIRS, MAILDROP])
 
 
 def test_ensure_mode_ignores_permissive_umask(tmp_path: Path) -> None:
