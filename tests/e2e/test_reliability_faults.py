@@ -79,7 +79,7 @@ def metrics_daemon(tmp_path: Path, relay_port: int) -> tuple[support.Process, Pa
 def test_the_spool_removed_while_running_is_made_again_and_delivery_resumes(
     tmp_path: Path, relay: FaultServer
 ) -> None:
-    """Old code: the wake-up watcher died on the missing outgoing/ and the daemon exited 1."""
+    """Old code: the wake-up watcher died (FileNotFoundError) and the daemon exited 1."""
     d, config, port = metrics_daemon(tmp_path, relay.port)
     spool = tmp_path / "spool"
     try:
@@ -97,8 +97,8 @@ def test_the_spool_removed_while_running_is_made_again_and_delivery_resumes(
 
 
 def test_the_spool_replaced_while_running_is_watched_again(tmp_path: Path, relay: FaultServer) -> None:
-    """Old code: the watcher kept the old outgoing/ (or died) and mail in the new spool waited
-    for the periodic check, or the daemon exited 1."""
+    """Old code: the wake-up watcher died (FileNotFoundError: outgoing/ of the new, empty spool)
+    and the daemon exited 1."""
     d, config, port = metrics_daemon(tmp_path, relay.port)
     spool = tmp_path / "spool"
     try:
@@ -120,7 +120,8 @@ def test_the_spool_replaced_while_running_is_watched_again(tmp_path: Path, relay
 
 
 def test_sighup_and_sigusr2_never_kill_the_daemon_nor_leave_claims(tmp_path: Path) -> None:
-    """Old code: SIGHUP killed the daemon (exit -1/129) with its claim left in outgoing_active/."""
+    """Old code: SIGHUP killed the daemon (its default action: exit status 129, -1 to Popen) with
+    its claim left in outgoing_active/."""
     slow = start_relay(tmp_path, delay_data=1.0)
     try:
         config = support.write_config(tmp_path, slow.port)
@@ -309,7 +310,7 @@ def auth_config(tmp_path: Path, port: int, mode: int) -> tuple[Path, Path]:
     return support.write_config(tmp_path, port, relay=relay_keys), secret
 
 
-@pytest.mark.parametrize("mode", [0o644, 0o604, 0o602, 0o666])
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o602, 0o666], ids=oct)
 def test_a_password_file_others_may_read_or_write_is_refused(tmp_path: Path, mode: int) -> None:
     """Old code: the file was used whatever its mode (exit 0, the password sent)."""
     with FaultServer({"ehlo": ehlo("PIPELINING", "AUTH PLAIN LOGIN")}) as srv:
@@ -324,7 +325,7 @@ def test_a_password_file_others_may_read_or_write_is_refused(tmp_path: Path, mod
     assert support.spool_files(tmp_path / "spool", "outgoing") != []
 
 
-@pytest.mark.parametrize("mode", [0o600, 0o640, 0o400])
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o400], ids=oct)
 def test_a_private_password_file_is_used(tmp_path: Path, mode: int) -> None:
     with FaultServer({"ehlo": ehlo("PIPELINING", "AUTH PLAIN LOGIN")}) as srv:
         config, _ = auth_config(tmp_path, srv.port, mode)
