@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.base import log
 from bench.code import export_revision
-from bench.peers import Ctx, Greenmail, Peer
+from bench.peers import Ctx, Greenmail
 from bench.results import Results, Row
 from bench.targets import fmt, num
 from bench.workloads import wl_drain
@@ -25,8 +25,11 @@ def run_baseline(
     base = f"greenmail@{commit}"
     log(f"baseline {rev} = {commit}: greenmail/ exported to {base_code}; this tree from {new_code}")
 
-    def make(ctx: Ctx, name: str) -> Peer:
+    def make(ctx: Ctx, name: str) -> Greenmail:
         return Greenmail(ctx, code=new_code if name == NEW else base_code, name=name)
+
+    for name in (NEW, base):
+        log(f"   {name} imports greenmail from {make(ctx, name).check_code()}")
 
     wl_drain(ctx, res, ns, conns_list, runs, [NEW, base], 0, make=make)
 

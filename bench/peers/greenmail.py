@@ -1,7 +1,8 @@
 """greenmail as a peer: its configuration for a drain or as an idle daemon, filling its queue
 (the API by default, or the CLI), starting ``greenmail run`` and handing it single messages.
 With ``code`` it runs the greenmail/ found there (``python -m greenmail`` with that
-PYTHONPATH, the queue filled by a helper process with the same path): how a baseline
+PYTHONPATH and ``-P``, so that no greenmail/ in the current directory comes first; the
+queue is filled by a helper process with the same path): how a baseline
 revision and this tree are measured side by side."""
 
 from __future__ import annotations
@@ -63,7 +64,17 @@ class Greenmail(Peer):
     def command(self, *args: Any) -> list[Any]:
         if self.code is None:
             return [GREENMAIL, *args]
-        return [PYTHON, "-m", "greenmail", *args]
+        return [PYTHON, "-P", "-m", "greenmail", *args]  # -P: no current directory first on the path
+
+    def check_code(self) -> Path:
+        """Where this peer's processes import greenmail from; a BenchError unless below ``code``."""
+        probe = [str(PYTHON), "-P", "-c", "import greenmail; print(greenmail.__file__)"]
+        r = subprocess.run(probe, env=self.env(), capture_output=True, text=True)
+        where = Path(r.stdout.strip()).parent
+        if r.returncode != 0 or (self.code is not None and where.parent != self.code):
+            found = where if r.returncode == 0 else r.stderr.strip()
+            raise BenchError(f"{self.name}: greenmail imported from {found}, not {self.code}")
+        return where
 
     def prepare(self, n: int, conns: int) -> None:
         self.configure(self.ctx.port, conns)
