@@ -9,10 +9,10 @@ from pathlib import Path
 
 from bench.base import log
 from bench.code import export_revision
+from bench.drain import wl_drain
 from bench.peers import Ctx, Greenmail
+from bench.query import fmt, num
 from bench.results import Results, Row
-from bench.targets import fmt, num
-from bench.workloads import wl_drain
 
 NEW = "greenmail"  # this tree's rows; the baseline's are "greenmail@<commit>"
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import statistics
 
 from bench.baseline import comparison
+from bench.query import fmt as _f
+from bench.query import median_of as _med
+from bench.query import num as _num
 from bench.results import Row
-from bench.targets import fmt as _f
-from bench.targets import median_of as _med
-from bench.targets import num as _num
 from bench.targets import verdicts
 
 
