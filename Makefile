@@ -39,8 +39,8 @@ run: $(VENV)/.installed
 	exit $$status
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check greenmail tests
-	$(BIN)/ruff format --check greenmail tests
+	$(BIN)/ruff check greenmail tests bench
+	$(BIN)/ruff format --check greenmail tests bench
 
 test: lint
 	$(BIN)/python -m pytest

@@ -8,7 +8,8 @@
   SMTPUTF8, and relays everything to a downstream server.  Its smtpd runs with
   ``-v`` for 127.0.0.1 (``debug_peer_list``): the maillog then shows every command
   it receives and every read from the client socket, which is how the tests tell
-  whether a command came pipelined (``SmtpdSession``).
+  whether a command came pipelined (``SmtpdSession``). Its layout and the lines every
+  private instance needs come from tests/postfix_template.py (shared with bench/).
 * ``Exim``: Exim 4 unpacked by tests/peers/install.sh, run with ``-C`` (its own
   spool, log and pid file), listening on a plain port, a STARTTLS port and an
   implicit-TLS port, with AUTH PLAIN/LOGIN/CRAM-MD5 over TLS; relays to a
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import postfix_template
 import pytest
 import support
 
@@ -268,65 +270,26 @@ class Aiosmtpd:
 
 # -- a private Postfix --------------------------------------------------------------------
 
-_MASTER_CF = """\
-# greenmail interop: smtpd on one loopback port (verbose), relay-only, no chroot
-127.0.0.1:{port} inet n - n - - smtpd -v
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+_MASTER_SMTPD = "127.0.0.1:{port} inet n - n - - smtpd -v"
+_MASTER_TLSMGR = "tlsmgr    unix  -       -       n       1000?   1       tlsmgr"
 
-_MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {base}/spool
-data_directory = {base}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix.test
+_MAIN_EXTRA = """\
 mydomain = postfix.test
 myorigin = $myhostname
-mydestination =
 relay_domains =
 mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject
-relayhost = [127.0.0.1]:{downstream}
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-local_transport = error:local delivery disabled
-alias_maps =
-alias_database =
 biff = no
 # no header rewriting or added headers for SMTP clients: the message passes unchanged
 local_header_rewrite_clients =
-message_size_limit = {size_limit}
 smtputf8_enable = yes
 smtpd_tls_security_level = may
 smtpd_tls_cert_file = {base}/tls/server.pem
 smtpd_tls_key_file = {base}/tls/server.key
 smtpd_tls_loglevel = 1
 smtpd_tls_received_header = yes
-smtp_tls_security_level = none
 # -v for 127.0.0.1: every command received and every read from the client is logged
 debug_peer_list = 127.0.0.1
-maillog_file = {base}/maillog
-maillog_file_prefixes = {base}
 """
 
 
@@ -439,17 +402,25 @@ class Postfix:
         self.keep = keep  # where the maillog is copied on stop
         self.base = _private_dir("greenmail-postfix-")
         b = self.base
-        for d in ("etc", "spool", "data", "tls"):
-            (b / d).mkdir()
-        shutil.chown(b / "data", "postfix", "postfix")
+        self.layout = postfix_template.Layout(b)
+        self.layout.create()
+        (b / "tls").mkdir()
         shutil.copy(certs.server.cert, b / "tls" / "server.pem")
         shutil.copy(certs.server.key, b / "tls" / "server.key")
-        self.maillog = b / "maillog"
-        self.maillog.touch()
-        shutil.chown(self.maillog, "postfix")
-        (b / "etc" / "master.cf").write_text(_MASTER_CF.format(port=self.port))
-        (b / "etc" / "main.cf").write_text(
-            _MAIN_CF.format(base=b, downstream=downstream_port, size_limit=size_limit)
+        self.maillog = self.layout.maillog
+        postfix_template.write(
+            self.layout,
+            postfix_template.master_cf(
+                "greenmail interop: smtpd on one loopback port (verbose), relay-only, no chroot",
+                [_MASTER_SMTPD.format(port=self.port), _MASTER_TLSMGR],
+            ),
+            postfix_template.main_cf(
+                self.layout,
+                myhostname="postfix.test",
+                relay_port=downstream_port,
+                size_limit=size_limit,
+                extra=_MAIN_EXTRA.format(base=b).splitlines(),
+            ),
         )
         r = self._postfix("start")
         if r.returncode != 0:
@@ -471,10 +442,7 @@ class Postfix:
         )
 
     def _master_pid(self) -> int | None:
-        try:
-            return int((self.base / "spool" / "pid" / "master.pid").read_text().strip())
-        except (OSError, ValueError):
-            return None
+        return self.layout.master_pid()
 
     def stop(self) -> None:
         pid = self._master_pid()
