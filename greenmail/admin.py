@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from greenmail.queue import MessageInfo
 
 
-def table(infos: list[MessageInfo]) -> Iterator[str]:
-    """The lines of ``queue list`` without --json."""
+def table(infos: list[MessageInfo], postfix: bool = False) -> Iterator[str]:
+    """The lines of ``queue list`` without --json; ``postfix``: mailq's last line, as Postfix's."""
     if infos:
         head = f"{'-Queue ID-':<26} {'-State-':<9} {'--Size--':>9}"
         yield f"{head} -Arrival, age, attempts, next- -Sender/Recipient-"
@@ -32,7 +32,13 @@ def table(infos: list[MessageInfo]) -> Iterator[str]:
             yield f"{'':<26} ({i.last_error})"
         if i.waiting:
             yield f"{'':<26} (waiting: {i.waiting})"
-    yield f"-- {len(infos)} message{'s' if len(infos) != 1 else ''}"
+    if not postfix:
+        yield f"-- {len(infos)} message{'s' if len(infos) != 1 else ''}"
+    elif not infos:
+        yield "Mail queue is empty"
+    else:
+        kbytes = (sum(i.size for i in infos) + 1023) // 1024
+        yield f"-- {kbytes} Kbytes in {len(infos)} Request{'s' if len(infos) != 1 else ''}."
 
 
 def age(iso: str, now: datetime | None = None) -> str:

@@ -282,26 +282,74 @@ def sink(listen: str, maildir: str, config_path: str | None) -> None:
 def sendmail(ctx: click.Context, argv: tuple[str, ...]) -> None:
     """The /usr/sbin/sendmail interface (-t -f -F -i -bp -q; recipients as arguments)."""
     from greenmail import sendmail as sm
-    from greenmail.errors import AddressError, EnqueueError
+    from greenmail.errors import AddressError, ConfigError, EnqueueError
+    from greenmail.submit import is_tempfail
 
     try:
         opts = sm.parse(list(argv))
     except sm.UsageError as e:
         fail(f"sendmail: {e}", EX_USAGE)
     if opts.mode == "list":
-        ctx.invoke(queue_list, config_path=opts.config, as_json=False)
+        from greenmail import admin
+
+        for line in admin.table(_queue_call(opts.config, lambda q: q.list()), postfix=True):
+            click.echo(line)
         return
     if opts.mode == "queue":  # ask the running daemon, say nothing; with none running, one pass here
         if not _queue_call(opts.config, lambda q: (q.retry_all(), q.wake())[1]):
             ctx.invoke(run, config_path=opts.config, once=True, verbose=False)
         return
     cfg = load_config(opts.config)
+    from greenmail import backends
+
+    rewriter = backends.rewriter(cfg)
+    if opts.mode in ("aliases", "verify"):
+        _sendmail_check(opts, rewriter)
+        return
+    queue = open_queue(cfg, EX_TEMPFAIL)
+    if opts.mode == "smtp":
+        from greenmail import server, smtpstdio
+
+        smtp = server.Server(rewriter.hostname, queue.incoming, rewriter)
+        smtpstdio.serve(smtp, sys.stdin.fileno(), sys.stdout.fileno())
+        return
     try:
-        sender, rcpts, message = sm.prepare(opts, sm.read_message(sys.stdin.buffer, opts.dot_ends))
-        open_queue(cfg).enqueue(sender, rcpts, message)
+        message = sm.read_message(sys.stdin.buffer, opts.dot_ends)
+        sender, rcpts, message = sm.prepare(opts, message, rewriter.origin)
+        queue.enqueue(sender, rcpts, message)
     except sm.UsageError as e:
         fail(f"sendmail: {e}", EX_USAGE)
     except (AddressError, sm.DataError) as e:
         fail(f"sendmail: {e}", EX_DATAERR)
+    except ConfigError as e:
+        fail(f"sendmail: configuration error: {e}", EX_CONFIG)
     except EnqueueError as e:
-        fail(f"sendmail: {e}", EX_TEMPFAIL)
+        fail(f"sendmail: {e}", EX_TEMPFAIL if is_tempfail(e) else EX_DATAERR)
+
+
+def _sendmail_check(opts: Any, rewriter: Any) -> None:
+    """-bi / newaliases: the aliases file read (exit 78 naming its line); -bv: what each recipient becomes."""
+    from greenmail import address
+    from greenmail.addresses import explain
+    from greenmail.errors import AddressError, ConfigError
+
+    try:
+        if opts.mode == "aliases":
+            if rewriter.aliases_path:
+                rewriter.aliases  # noqa: B018 - loading it is the check
+            return
+        if not opts.recipients:
+            fail("sendmail: -bv needs recipients", EX_USAGE)
+        bad = False
+        for rcpt, targets in explain(rewriter, opts.recipients):
+            try:
+                for t in targets:
+                    address.check(t)
+                click.echo(f"{rcpt}: {', '.join(targets)}")
+            except AddressError as e:
+                click.echo(f"{rcpt}: undeliverable: {e}")
+                bad = True
+        if bad:
+            sys.exit(EX_DATAERR)
+    except ConfigError as e:
+        fail(f"sendmail: configuration error: {e}", EX_CONFIG)

@@ -38,7 +38,7 @@ def main() -> None:
     """Console entry point."""
     name = os.path.basename(sys.argv[0])
     args = sys.argv[1:]
-    if name not in ("sendmail", "mailq") and args[:1] == ["enqueue"]:
+    if name not in ("sendmail", "mailq", "newaliases") and args[:1] == ["enqueue"]:
         parsed = parse_enqueue(args[1:])
         if parsed is not None:
             enqueue(*parsed)
@@ -47,7 +47,9 @@ def main() -> None:
 
     if name == "sendmail":
         click_main(args=["sendmail", *args], prog_name="sendmail")
-    elif name == "mailq":
-        click_main(args=["queue", "list", *args], prog_name="mailq")
+    elif name == "mailq":  # sendmail -bp: the list with Postfix's summary line
+        click_main(args=["sendmail", "-bp", *args], prog_name="mailq")
+    elif name == "newaliases":
+        click_main(args=["sendmail", "-bi", *args], prog_name="newaliases")
     else:
         click_main(prog_name="greenmail")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from greenmail.errors import CorruptQueueFile
 
@@ -129,6 +129,10 @@ class QueueAdmin(Protocol):
     def enqueue(self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO) -> str: ...
 
     def enqueue_many(self, messages: Iterable[Message]) -> list[str]: ...
+
+    def incoming(
+        self, sender: str, recipients: Sequence[str], trace: Any = None
+    ) -> Any: ...  # write/commit/abort
 
     def list(self) -> list[MessageInfo]: ...
 

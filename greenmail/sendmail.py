@@ -11,7 +11,10 @@ Must not touch: sockets, gevent, exit codes (the CLI maps errors).
 from __future__ import annotations
 
 import getpass
+import os
+import pwd
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import BinaryIO
@@ -28,8 +31,10 @@ class DataError(GreenmailError):
     """The message itself is unusable (e.g. an unparseable recipient header)."""
 
 
-_IGNORED_WITH_ARG = {"-B", "-N", "-V", "-X", "-R", "-L", "-O"}
-_IGNORED = {"-v", "-m", "-n", "-U", "-bm", "-Am", "-Ac"}
+_WITH_ARG = frozenset("ABCFLNOR VXbefhopr".replace(" ", ""))  # letters that take a value, glued or next
+_IGNORED_WITH_ARG = frozenset("ABLNORVXehp")  # accepted and ignored (-B8BITMIME, -N never, -V envid...)
+_IGNORED = frozenset("mnvGUc")  # flags accepted and ignored (-v, -m, -U, -G, ...)
+_MODES = {"m": "send", "p": "list", "s": "smtp", "v": "verify", "i": "aliases"}
 _HEADER_START = re.compile(rb"([!-9;-~]+):")
 
 
@@ -39,65 +44,94 @@ class Options:
     full_name: str | None = None
     extract: bool = False
     dot_ends: bool = True
-    mode: str = "send"  # send | list | queue
+    mode: str = "send"  # send | list | queue | smtp | verify | aliases
     config: str | None = None
     recipients: list[str] = field(default_factory=list)
 
 
 def parse(argv: list[str]) -> Options:
-    """sendmail's command line; UsageError for what we do not support."""
+    """sendmail(8)'s command line with getopt's rules: bundled flags (-ti), values glued (-fme@x)
+    or next (-f me@x), options and recipients in any order, ``--`` ends the options; UsageError
+    for what we do not support (the accepted-and-ignored set never fails a caller)."""
     o = Options()
     args = iter(argv)
     for arg in args:
         if arg == "--":
             o.recipients.extend(args)
             break
-        if not arg.startswith("-") or arg == "-":
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            if name != "--config":
+                raise UsageError(f"unsupported option {arg}")
+            o.config = value if eq else _value(args, name)
+        elif not arg.startswith("-") or arg == "-":
             o.recipients.append(arg)
-        elif arg.startswith("--config="):
-            o.config = arg.split("=", 1)[1]
-        elif arg in ("-f", "-r", "-F", "-C", "--config") or arg in _IGNORED_WITH_ARG:
-            value = next(args, None)
-            if value is None:
-                raise UsageError(f"option {arg} needs an argument")
-            _set(o, arg, value)
-        elif arg[:2] in ("-f", "-r", "-F", "-C"):
-            _set(o, arg[:2], arg[2:])
         else:
-            _flag(o, arg)
+            _letters(o, arg, args)
     return o
 
 
-def _set(o: Options, opt: str, value: str) -> None:
-    if opt in ("-f", "-r"):
+def _value(args: Iterator[str], opt: str) -> str:
+    value = next(args, None)
+    if value is None:
+        raise UsageError(f"option {opt} needs an argument")
+    return value
+
+
+def _letters(o: Options, arg: str, args: Iterator[str]) -> None:
+    """One word of bundled option letters, e.g. -ti, -oem, -tfme@x.org, -q30m."""
+    for i, letter in enumerate(arg[1:], 1):
+        if letter == "q":  # -q, -q30m, -qR...: its value only ever glued
+            o.mode = "queue"
+            return
+        if letter in _WITH_ARG:
+            _set(o, letter, arg[i + 1 :] or _value(args, f"-{letter}"))
+            return
+        _flag(o, letter, arg)
+
+
+def _set(o: Options, letter: str, value: str) -> None:
+    if letter in "fr":
         o.sender = value
-    elif opt == "-F":
+    elif letter == "F":
         o.full_name = value
-    elif opt in ("-C", "--config"):
+    elif letter == "C":
         o.config = value
+    elif letter == "o":
+        if value == "i":
+            o.dot_ends = False  # -oi; every other -o (-oem, -odb, -oQ/dir...) means nothing here
+    elif letter == "b":
+        if value in ("d", "D"):
+            raise UsageError(f"-b{value}: greenmail does not receive mail this way; run 'greenmail run'")
+        if value not in _MODES:
+            raise UsageError(f"unsupported option -b{value}")
+        o.mode = _MODES[value]
 
 
-def _flag(o: Options, arg: str) -> None:
-    if arg == "-t":
+def _flag(o: Options, letter: str, arg: str) -> None:
+    if letter == "t":
         o.extract = True
-    elif arg in ("-i", "-oi"):
+    elif letter == "i":
         o.dot_ends = False
-    elif arg == "-bp":
-        o.mode = "list"
-    elif arg.startswith("-q"):
-        o.mode = "queue"
-    elif arg.startswith("-o") or arg in _IGNORED or arg[:2] in _IGNORED_WITH_ARG:
-        pass  # -odi, -oem, -oQ...: delivery-mode options that have no meaning here
-    else:
-        raise UsageError(f"unsupported option {arg}")
+    elif letter == "I":
+        o.mode = "aliases"  # -I: as newaliases
+    elif letter not in _IGNORED:
+        raise UsageError(f"unsupported option -{letter}" + (f" (in {arg})" if len(arg) > 2 else ""))
 
 
-def default_sender() -> str:
+def login_name() -> str:
+    """The invoking user's login name (the sender without -f, as sendmail(8) has it)."""
     try:
-        user = getpass.getuser()
+        return pwd.getpwuid(os.getuid()).pw_name
     except (KeyError, OSError):
-        user = "nobody"
-    return f"{user}@{HOST}"
+        try:
+            return getpass.getuser()
+        except (KeyError, OSError):
+            return "nobody"
+
+
+def default_sender(origin: str = HOST) -> str:
+    return f"{login_name()}@{origin}"
 
 
 def read_message(stdin: BinaryIO, dot_ends: bool) -> bytes:
@@ -131,9 +165,11 @@ def split_headers(message: bytes) -> tuple[list[bytes], bytes]:
     return fields, message[pos:]
 
 
-def prepare(o: Options, message: bytes) -> tuple[str, list[str], bytes]:
-    """(sender, recipients, message) to enqueue, per the options."""
-    sender = o.sender if o.sender is not None else default_sender()
+def prepare(o: Options, message: bytes, origin: str = HOST) -> tuple[str, list[str], bytes]:
+    """(sender, recipients, message) to enqueue, per the options; ``origin`` qualifies bare names."""
+    sender = o.sender if o.sender is not None else default_sender(origin)
+    if sender not in ("", "<>") and "@" not in sender:
+        sender = f"{sender}@{origin}"
     fields, rest = split_headers(message)
     recipients = list(o.recipients)
     if o.extract:
@@ -146,7 +182,9 @@ def prepare(o: Options, message: bytes) -> tuple[str, list[str], bytes]:
         eol = b"\r\n" if message.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
         if not fields and rest and not rest.startswith((b"\n", b"\r\n")):
             rest = eol + rest  # no header section at all: the text is body, set apart
-        author = sender if sender not in ("", "<>") else default_sender()  # a null sender writes as its user
+        author = (
+            sender if sender not in ("", "<>") else default_sender(origin)
+        )  # a null sender writes as its user
         shown = f'"{o.full_name}" <{author}>' if o.full_name else f"<{author}>"
         fields.insert(0, f"From: {shown}".encode() + eol)
     if not rest and fields and not fields[-1].endswith(b"\n"):

@@ -31,6 +31,7 @@ from gevent.lock import Semaphore
 
 from greenmail.errors import CorruptQueueFile, SpoolError
 from greenmail.layout import MAILDROP, OUTGOING, TMP, id_time
+from greenmail.layout import is_own_id as layout_is_own_id
 from greenmail.pickup import pickup
 from greenmail.queue import Claim
 from greenmail.queuefile import Entry, parse_name, share
@@ -388,7 +389,7 @@ class SpoolQueue:
         maildrop = self.spool.dir(MAILDROP)
         dropped = None
         watched = os.stat(directory).st_ino
-        notify = Inotify.open(directory)
+        notify = Inotify.open(directory, layout_is_own_id)
         seen = wake = None
         last = owner_check = 0.0
         events = 0

@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from gevent.socket import wait_read
@@ -22,6 +23,7 @@ from gevent.socket import wait_read
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_FROM = 0x00000040
 IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
 IN_DELETE = 0x00000200
 ARRIVALS = IN_MOVED_TO | IN_CLOSE_WRITE
 IN_Q_OVERFLOW = 0x00004000
@@ -31,25 +33,28 @@ _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
 class Inotify:
     """New names in one directory, as inotify reports them."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, whole_when_created: Callable[[str], bool] = lambda name: False) -> None:
         self.fd = fd
+        self.whole_when_created = whole_when_created  # names that only ever appear complete (hard links)
         self.overflowed = False
         self.events = 0  # events of any kind read so far
 
     @classmethod
-    def open(cls, directory: Path) -> Inotify | None:
+    def open(cls, directory: Path, whole_when_created: Callable[[str], bool] | None = None) -> Inotify | None:
+        """Watch ``directory``; a created name is reported at once when ``whole_when_created`` says
+        such names appear complete (submissions are hard-linked in), else on its close or rename."""
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
             fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
             if fd < 0:
                 return None
-            mask = ARRIVALS | IN_MOVED_FROM | IN_DELETE  # departures too: they explain mtime changes
+            mask = ARRIVALS | IN_CREATE | IN_MOVED_FROM | IN_DELETE  # departures explain mtime changes
             if libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
                 os.close(fd)
                 return None
         except (OSError, AttributeError):
             return None
-        return cls(fd)
+        return cls(fd) if whole_when_created is None else cls(fd, whole_when_created)
 
     def wait(self, timeout: float) -> list[str] | None:
         """Names that arrived (possibly none), or None when ``timeout`` passed without any."""
@@ -76,6 +81,8 @@ class Inotify:
                 self.overflowed = True  # events were lost: the caller rescans
             elif raw and mask & ARRIVALS:
                 names.append(os.fsdecode(raw))
+            elif raw and mask & IN_CREATE and self.whole_when_created(name := os.fsdecode(raw)):
+                names.append(name)
         return names
 
     def close(self) -> None:

@@ -22,7 +22,6 @@ _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
 _FORBIDDEN = re.compile(r"[\r\n\x00]")
 _EOL = re.compile(rb"\r\n|\r|\n")
 MAX_TEXT_LINE = 998  # RFC 5321 4.5.3.1.6: 1,000 octets with the CRLF
-_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_TEXT_LINE + 1))
 
 
 @dataclass(frozen=True)
@@ -170,7 +169,11 @@ class LineNormaliser:
         """Break lines over MAX_TEXT_LINE octets (CRLF SP inserted); the common case is one search."""
         first = out.find(b"\r\n")
         head = first if first >= 0 else len(out)
-        if self._col + head <= MAX_TEXT_LINE and (first < 0 or not _LONG_LINE.search(out, first + 2)):
+        if self._col + head <= MAX_TEXT_LINE and (
+            first < 0
+            or len(out) - first - 2 <= MAX_TEXT_LINE
+            or max(map(len, out[first + 2 :].split(b"\r\n"))) <= MAX_TEXT_LINE  # C speed, unlike a search
+        ):
             self._col = self._col + len(out) if first < 0 else len(out) - out.rfind(b"\n") - 1
             return out
         pieces = []

@@ -67,6 +67,23 @@ from greenmail.sendmail import DataError, Options, UsageError, parse, prepare, r
             {"full_name": "CronDaemon", "dot_ends": False, "recipients": ["root"]},
         ),
         (["-fs@x.org", "-t", "a@x.org"], {"sender": "s@x.org", "extract": True, "recipients": ["a@x.org"]}),
+        # getopt: bundled flags, a value glued to the last letter of a bundle, permuted recipients
+        (["-ti"], {"extract": True, "dot_ends": False}),
+        (["-it"], {"extract": True, "dot_ends": False}),
+        (["-vti"], {"extract": True, "dot_ends": False}),
+        (["-tfs@x.org"], {"extract": True, "sender": "s@x.org"}),
+        (["-tf", "s@x.org"], {"extract": True, "sender": "s@x.org"}),
+        (["-o", "i"], {"dot_ends": False}),
+        (["root", "-i"], {"dot_ends": False, "recipients": ["root"]}),
+        (["-i", "--", "-x@y.org"], {"dot_ends": False, "recipients": ["-x@y.org"]}),
+        (["-bs"], {"mode": "smtp"}),
+        (["-b", "s"], {"mode": "smtp"}),
+        (["-bv", "root"], {"mode": "verify", "recipients": ["root"]}),
+        (["-bi"], {"mode": "aliases"}),
+        (["-I"], {"mode": "aliases"}),
+        (["-bm", "a@x.org"], {"recipients": ["a@x.org"]}),
+        (["-Am", "-U", "-G", "-n", "a@x.org"], {"recipients": ["a@x.org"]}),
+        (["-h", "17", "-p", "local", "-L", "tag", "-R", "hdrs", "-X", "/dev/null"], {}),
     ],
 )
 def test_parse(argv: list[str], expected: dict[str, object]) -> None:
@@ -98,7 +115,7 @@ def test_missing_argument(argv: list[str]) -> None:
         parse(argv)
 
 
-@pytest.mark.parametrize("arg", ["-Z", "-bs", "-bv", "-bd", "-x", "--frobnicate", "-I"])
+@pytest.mark.parametrize("arg", ["-Z", "-bd", "-bz", "-x", "--frobnicate", "-tZ"])
 def test_unknown_option_is_a_usage_error(arg: str) -> None:
     with pytest.raises(UsageError, match=arg):
         parse([arg, "a@example.net"])

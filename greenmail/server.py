@@ -1,0 +1,244 @@
+"""The SMTP server side as a sans-I/O state machine: ``sendmail -bs`` now, the listener next.
+
+Owns: the replies to each command (HELO/EHLO, MAIL, RCPT, DATA, RSET,
+NOOP, QUIT, VRFY, HELP; STARTTLS, AUTH and BDAT refused), the order they may
+come in, the checks of each address (rewritten as a submission is,
+addresses.py) and of the size, and the DATA phase fed line by line with the
+dots taken out. The message goes to a store opened at DATA (dropoff.Incoming:
+``write``/``commit``/``abort``); 250 only once ``commit`` has made it
+durable. A caller feeds it lines of at most MAX_LINE octets (longer ones in
+pieces) and writes what it returns: memory stays bounded whatever a client sends.
+Must not touch: sockets, files, gevent (the caller's loop does the I/O).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from greenmail import address
+from greenmail.addresses import Rewriter
+from greenmail.errors import AddressError, ConfigError, EnqueueError
+
+MAX_LINE = 1000  # RFC 5321 4.5.3.1.4/6: a command line is at most 512 octets, a text line 1000
+MAX_COMMAND = 512
+MAX_RECIPIENTS = 1000
+MAX_SIZE = 64 * 1024 * 1024
+MAX_ERRORS = 20  # bad commands before the server hangs up (421), as Postfix's smtpd_hard_error_limit
+_PATH = re.compile(r"(?i)(FROM|TO):\s*<([^<>]*)>((?:\s+[A-Za-z0-9][A-Za-z0-9-]*(?:=\S*)?)*)\s*$")
+
+
+class Store(Protocol):
+    id: str
+
+    def write(self, data: bytes) -> None: ...
+    def commit(self) -> str: ...
+    def abort(self) -> None: ...
+
+
+Open = Callable[[str, Sequence[str]], Store]
+
+
+class Server:
+    """One SMTP conversation; ``greeting()`` first, then ``feed(line)`` for every line received."""
+
+    def __init__(self, hostname: str, open_store: Open, rewriter: Rewriter, max_size: int = MAX_SIZE) -> None:
+        self.hostname = hostname
+        self.open_store = open_store
+        self.rewriter = rewriter
+        self.max_size = max_size
+        self.closed = False
+        self.errors = 0
+        self._sender: str | None = None
+        self._rcpts: list[str] = []
+        self._store: Store | None = None
+        self._in_data = False
+        self._bol = True  # the next DATA piece starts a line
+        self._size = 0
+        self._failed: bytes | None = None  # the reply DATA ends with when the message cannot be kept
+        self._long = False  # a command line longer than MAX_COMMAND is being skipped
+
+    def greeting(self) -> bytes:
+        return f"220 {self.hostname} ESMTP greenmail\r\n".encode()
+
+    def feed(self, piece: bytes) -> bytes:
+        """A line (or a piece of a long one, ending without LF); the reply to send, maybe none."""
+        if self.closed:
+            return b""
+        if self._in_data:
+            return self._data(piece)
+        if not piece.endswith(b"\n") or self._long:  # a command over MAX_COMMAND: skipped to its end
+            self._long = not piece.endswith(b"\n")
+            return b"" if self._long else self._error("500 5.5.2 Error: line too long")
+        if len(piece) > MAX_COMMAND:
+            return self._error("500 5.5.2 Error: line too long")
+        try:
+            line = piece.rstrip(b"\r\n").decode("utf-8")
+        except UnicodeDecodeError:
+            return self._error("500 5.5.2 Error: command is not UTF-8")
+        verb, _, arg = line.partition(" ")
+        handler = getattr(self, f"_do_{verb.lower()}", None) if verb.isalpha() else None
+        if handler is None:
+            return self._error("500 5.5.2 Error: command not recognized")
+        return handler(arg.strip())
+
+    def close(self) -> None:
+        """The client went away: what was not committed is dropped."""
+        self._reset()
+        self.closed = True
+
+    # -- commands ---------------------------------------------------------------------
+
+    def _do_helo(self, arg: str) -> bytes:
+        if not arg:
+            return self._error("501 5.5.4 Syntax: HELO hostname")
+        self._reset()
+        return _reply(f"250 {self.hostname}")
+
+    def _do_ehlo(self, arg: str) -> bytes:
+        if not arg:
+            return self._error("501 5.5.4 Syntax: EHLO hostname")
+        self._reset()
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.max_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        return b"".join(_reply(f"250{'-' if i < len(lines) - 1 else ' '}{x}") for i, x in enumerate(lines))
+
+    def _do_mail(self, arg: str) -> bytes:
+        if self._sender is not None:
+            return self._error("503 5.5.1 Error: nested MAIL command")
+        m = _PATH.match(arg)
+        if m is None or m[1].upper() != "FROM":
+            return self._error("501 5.5.4 Syntax: MAIL FROM:<address>")
+        why = self._params(m[3])
+        if why:
+            return _reply(why)
+        try:
+            address.check(self.rewriter.sender(m[2]), null_ok=True)
+        except AddressError as e:
+            return self._error(f"501 5.1.7 Bad sender address syntax: {e}")
+        self._sender = m[2]
+        return _reply("250 2.1.0 Ok")
+
+    def _params(self, text: str) -> str | None:
+        for p in text.split():
+            key, _, value = p.partition("=")
+            key = key.upper()
+            if key == "SIZE":
+                if not value.isdigit():
+                    return "501 5.5.4 Bad SIZE parameter"
+                if int(value) > self.max_size:
+                    return "552 5.3.4 Message size exceeds fixed limit"
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    return "501 5.5.4 Bad BODY parameter"
+            else:
+                return f"555 5.5.4 Unsupported option: {p}"
+        return None
+
+    def _do_rcpt(self, arg: str) -> bytes:
+        if self._sender is None:
+            return self._error("503 5.5.1 Error: need MAIL command")
+        m = _PATH.match(arg)
+        if m is None or m[1].upper() != "TO" or m[3].strip():
+            return self._error("501 5.5.4 Syntax: RCPT TO:<address>")
+        if len(self._rcpts) >= MAX_RECIPIENTS:
+            return _reply("452 4.5.3 Error: too many recipients")
+        try:
+            for r in self.rewriter.expand(m[2]):
+                address.check(r)
+        except AddressError as e:
+            return self._error(f"501 5.1.3 Bad recipient address syntax: {e}")
+        except ConfigError as e:
+            return _reply(f"451 4.3.0 Error: the aliases cannot be read: {e}")
+        self._rcpts.append(m[2])
+        return _reply("250 2.1.5 Ok")
+
+    def _do_data(self, arg: str) -> bytes:
+        if self._sender is None:
+            return self._error("503 5.5.1 Error: need MAIL command")
+        if not self._rcpts:
+            return self._error("554 5.5.1 Error: no valid recipients")
+        try:
+            self._store = self.open_store(self._sender, self._rcpts)
+        except (EnqueueError, ConfigError) as e:
+            self._reset()
+            return _reply(f"451 4.3.0 Error: queue file write error: {e}")
+        self._in_data, self._bol, self._size, self._failed = True, True, 0, None
+        return _reply("354 End data with <CR><LF>.<CR><LF>")
+
+    def _do_rset(self, arg: str) -> bytes:
+        self._reset()
+        return _reply("250 2.0.0 Ok")
+
+    def _do_noop(self, arg: str) -> bytes:
+        return _reply("250 2.0.0 Ok")
+
+    def _do_quit(self, arg: str) -> bytes:
+        self.close()
+        return _reply("221 2.0.0 Bye")
+
+    def _do_vrfy(self, arg: str) -> bytes:
+        return _reply("252 2.0.0 Send some mail, and we will try our best")
+
+    def _do_help(self, arg: str) -> bytes:
+        return _reply("214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+
+    def _do_expn(self, arg: str) -> bytes:
+        return self._error("502 5.5.1 Error: command not implemented")
+
+    _do_starttls = _do_auth = _do_bdat = _do_turn = _do_etrn = _do_expn
+
+    # -- DATA -------------------------------------------------------------------------------
+
+    def _data(self, piece: bytes) -> bytes:
+        if self._bol and piece in (b".\r\n", b".\n"):
+            return self._end_of_data()
+        if self._bol and piece.startswith(b"."):
+            piece = piece[1:]
+        self._bol = piece.endswith(b"\n")
+        self._size += len(piece)
+        if self._failed is None and self._size > self.max_size:
+            self._failed = b"552 5.3.4 Error: message file too big\r\n"
+        if self._failed is None:
+            try:
+                assert self._store is not None
+                self._store.write(piece)
+            except (EnqueueError, OSError) as e:
+                self._failed = _reply(f"451 4.3.0 Error: queue file write error: {e}")
+        return b""
+
+    def _end_of_data(self) -> bytes:
+        store, self._store = self._store, None
+        self._in_data = False
+        failed = self._failed
+        assert store is not None
+        if failed is None:
+            try:
+                qid = store.commit()
+            except EnqueueError as e:  # commit has removed what it wrote
+                failed = _reply(f"{'554 5.6.0' if 'empty' in str(e) else '451 4.3.0'} Error: {e}")
+            else:
+                self._reset()
+                return _reply(f"250 2.0.0 Ok: queued as {qid}")
+        store.abort()
+        self._reset()
+        return failed
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        if self._store is not None:
+            self._store.abort()
+            self._store = None
+        self._sender, self._rcpts, self._in_data = None, [], False
+
+    def _error(self, reply: str) -> bytes:
+        self.errors += 1
+        if self.errors >= MAX_ERRORS:
+            self.close()
+            return _reply(f"421 4.7.0 {self.hostname} Error: too many errors")
+        return _reply(reply)
+
+
+def _reply(text: str) -> bytes:
+    return text.encode() + b"\r\n"
