@@ -22,7 +22,8 @@ _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
 _FORBIDDEN = re.compile(r"[\r\n\x00]")
 _EOL = re.compile(rb"\r\n|\r|\n")
 MAX_TEXT_LINE = 998  # RFC 5321 4.5.3.1.6: 1,000 octets with the CRLF
-_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_TEXT_LINE + 1))
+# a line over MAX_TEXT_LINE octets, tried only where a line starts: linear, not quadratic in line length
+_LONG_LINE = re.compile(rb"^[^\r\n]{%d}" % (MAX_TEXT_LINE + 1), re.MULTILINE)
 
 
 @dataclass(frozen=True)
