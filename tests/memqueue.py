@@ -12,6 +12,7 @@ are claims whose ``open_body()`` the session must treat as blocking I/O
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -54,14 +55,14 @@ class Record:
 class MemClaim(Claim):
     body: bytes
     memory: bool = True
-    opened: list[int] = field(default_factory=list)  # sizes read through open_body(), for tests
+    opened: list[int] = field(default_factory=list)  # the threads open_body() was called in, for tests
 
     @property
     def in_memory(self) -> bool:
         return self.memory
 
     def open_body(self) -> BinaryIO:
-        self.opened.append(len(self.body))
+        self.opened.append(threading.get_ident())
         return io.BytesIO(self.body)
 
 
