@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import threading
 import time
@@ -23,7 +22,7 @@ from session_harness import gwait
 from support import free_port
 
 from greenmail import wire
-from greenmail.queuefile import Entry, State, parse_name
+from greenmail.queuefile import Entry, State
 from greenmail.session import Session
 
 T = 0.4  # every SMTP timeout, seconds
@@ -442,7 +441,7 @@ def test_temporary_failure_past_max_lifetime_fails(tmp_path: Path, server: Fault
     h = Harness(tmp_path, server.port, retry={"max_lifetime": 3600})
     qid = h.enqueue()
     old = time.time() - 7200
-    os.utime(h.spool.dir("outgoing") / qid, (old, old))
+    h.backdate(qid, old)
     server.script = {"rcpt": "450 4.2.1 busy"}
     h.run()
     assert_failed(h, qid)
@@ -532,13 +531,7 @@ def test_kill_while_stalled_in_data_puts_the_claim_back(tmp_path: Path, server: 
 
 def _bounces(h: Harness, original: str) -> list[tuple[str, str]]:
     """(sender line, recipients line) of every queue file in outgoing/ and failed/ but the original."""
-    out = []
-    for sub in ("outgoing", "failed"):
-        for name in h.names(sub):
-            if parse_name(name).id != original:
-                with open(h.spool.dir(sub) / name, "rb") as f:
-                    out.append((f.readline().strip().decode(), f.readline().strip().decode()))
-    return out
+    return [(s, r) for sub in ("outgoing", "failed") for qid, s, r in h.envelopes(sub) if qid != original]
 
 
 def test_permanent_failure_bounces_to_the_sender(h: Harness, server: FaultServer) -> None:
@@ -596,6 +589,7 @@ def test_reply_sent_ahead_of_its_command_is_a_protocol_error(h: Harness, server:
     assert_requeued(h, qid, "protocol", before)
 
 
+@pytest.mark.spool_only  # slows the spool's requeue, which runs in the threadpool
 def test_kill_during_the_settling_rename_keeps_counters_and_file_in_step(
     h: Harness, server: FaultServer
 ) -> None:
@@ -625,6 +619,7 @@ def test_kill_during_the_settling_rename_keeps_counters_and_file_in_step(
     assert h.m("requeues_total", reason="shutdown") == 0
 
 
+@pytest.mark.spool_only  # slows the spool's enqueue, which runs in the threadpool
 def test_kill_while_the_bounce_is_written_sends_one_bounce(h: Harness, server: FaultServer) -> None:
     """A kill landing while the outbox enqueues the bounce: the sender gets one bounce, not two,
     and the failed message ends in failed/ (nothing is tried again for a failed recipient)."""
