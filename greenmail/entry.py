@@ -47,6 +47,8 @@ def main() -> None:
 
     if name == "sendmail":
         click_main(args=["sendmail", *args], prog_name="sendmail")
+    elif name == "mailq" and "--json" in args:
+        click_main(args=["queue", "list", *args], prog_name="mailq")
     elif name == "mailq":  # sendmail -bp: the list with Postfix's summary line
         click_main(args=["sendmail", "-bp", *args], prog_name="mailq")
     elif name == "newaliases":

@@ -111,7 +111,9 @@ class Outbox:
         self._notify(claim, pending, age)
         next_at = math.ceil(self.clock() + self.jittered(claim.attempts + 1)) if pending else 0  # never early
         result = self.queue.settle(claim, next_at)
-        if result == "deferred":  # (no "removed" line per delivered message: two lines each is enough)
+        if result == "delivered":
+            log.info("%s: removed", claim.id, extra={"fields": {"event": "removed", "queue_id": claim.id}})
+        elif result == "deferred":
             self.metrics.count("requeue", attempt.reason)
         self.metrics.count("attempt", result)
         return result

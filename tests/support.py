@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-GREENMAIL = [sys.executable, "-m", "greenmail"]
+GREENMAIL = [sys.executable, "-P", "-m", "greenmail"]  # -P: never the current directory's greenmail/
 
 
 def free_port() -> int:
@@ -81,8 +81,10 @@ def write_config(directory: Path, relay_port: int, **sections: dict[str, Any]) -
 
 
 def env() -> dict[str, str]:
+    """The environment of greenmail processes: this tree importable, after the caller's PYTHONPATH
+    (so that ``PYTHONPATH=/other/checkout pytest ...`` runs another revision's code), no config."""
     e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(ROOT)) if p)
     e.pop("GREENMAIL_CONFIG", None)
     return e
 

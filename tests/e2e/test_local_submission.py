@@ -18,7 +18,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,12 +67,31 @@ def config(directory: Path, relay: Relay, admin: str | None = None, **extra: str
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def code_for_others() -> Iterator[None]:
+    """greenmail's source and click copied where every user may read them (a checkout or a
+    venv under root's home is not); as_nobody runs them with /usr/bin/python3."""
+    d = Path(tempfile.mkdtemp(prefix="greenmail-code-"))
+    import click
+
+    shutil.copytree(support.ROOT / "greenmail", d / "greenmail", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(Path(click.__file__).parent, d / "click", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [d, *d.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    CODE[:] = [str(d)]
+    yield
+    shutil.rmtree(d, ignore_errors=True)
+
+
+CODE: list[str] = []
+
+
 def as_nobody(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     """``python -m greenmail ARGS`` as nobody:nogroup, with no supplementary groups."""
     if shutil.which("setpriv") is None or not os.path.exists("/usr/bin/python3"):
         pytest.skip("needs setpriv and /usr/bin/python3")
     env = support.env()
-    env["PYTHONPATH"] = os.pathsep.join([str(support.ROOT), sysconfig.get_paths()["purelib"]])
+    env["PYTHONPATH"] = CODE[0]
     cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-P"]
     return subprocess.run(
         [*cmd, "-m", "greenmail", *args], input=stdin, capture_output=True, env=env, timeout=60

@@ -297,6 +297,7 @@ def test_syslog_target_sends_mail_facility_datagrams_with_the_tags(
     assert f"<22>greenmail/master[{pid}]: greenmail stopped" in lines
     assert any(x.startswith(f"<22>greenmail/smtp[{pid}]: {qid}: to=<you@example.net>, relay=") for x in lines)
     assert any(x.startswith(f"<22>greenmail/qmgr[{pid}]: {qid}: from=<me@example.org>, size=") for x in lines)
+    assert f"<22>greenmail/qmgr[{pid}]: {qid}: removed" in lines
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])

@@ -19,7 +19,6 @@ import os
 import resource
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,21 +34,6 @@ from greenmail.spool import Spool
 
 SENDER = "app@example.org"
 MAX_ENVELOPE = 1024 * 1024
-
-
-def env_under_test() -> dict[str, str]:
-    """support.env(), with the caller's PYTHONPATH first: it selects the greenmail under test."""
-    e = dict(os.environ)
-    paths = [p for p in (os.environ.get("PYTHONPATH", ""), str(support.ROOT)) if p]
-    e["PYTHONPATH"] = os.pathsep.join(paths)
-    e.pop("GREENMAIL_CONFIG", None)
-    return e
-
-
-@pytest.fixture(autouse=True)
-def code_under_test(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(support, "GREENMAIL", [sys.executable, "-P", "-m", "greenmail"])
-    monkeypatch.setattr(support, "env", env_under_test)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -30,21 +29,6 @@ from greenmail.queuefile import name_id
 from greenmail.spool import Spool
 
 SENDER = "app@example.org"
-
-
-def env_under_test() -> dict[str, str]:
-    """support.env(), with the caller's PYTHONPATH first: it selects the greenmail under test."""
-    e = dict(os.environ)
-    paths = [p for p in (os.environ.get("PYTHONPATH", ""), str(support.ROOT)) if p]
-    e["PYTHONPATH"] = os.pathsep.join(paths)
-    e.pop("GREENMAIL_CONFIG", None)
-    return e
-
-
-@pytest.fixture(autouse=True)
-def code_under_test(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(support, "GREENMAIL", [sys.executable, "-P", "-m", "greenmail"])
-    monkeypatch.setattr(support, "env", env_under_test)
 
 
 @pytest.fixture
