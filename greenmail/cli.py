@@ -29,11 +29,24 @@ from greenmail.exits import (
 if TYPE_CHECKING:
     from greenmail.config import Config
 
+def _inherited(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A subcommand's --config, else the one given before it (greenmail --config F queue list)."""
+    if value is not None:
+        return value
+    parent = ctx.parent
+    while parent is not None:
+        if parent.params.get("config_path"):
+            return parent.params["config_path"]
+        parent = parent.parent
+    return None
+
+
 config_option = click.option(
     "--config",
     "config_path",
     envvar="GREENMAIL_CONFIG",
     type=click.Path(dir_okay=False),
+    callback=_inherited,
     help="configuration file (default: $GREENMAIL_CONFIG, then /etc/greenmail/greenmail.toml)",
 )
 
@@ -63,8 +76,48 @@ def setup_logging(
 
 @click.group()
 @click.version_option(package_name="greenmail")
-def main() -> None:
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="configuration file for the subcommand (it may also come after the subcommand)",
+)
+def main(config_path: str | None) -> None:
     """greenmail: a mail delivery daemon that sends a spool to an SMTP relay."""
+
+
+@main.group("config")
+def config_group() -> None:
+    """The configuration file."""
+
+
+@config_group.command("check")
+@config_option
+def config_check(config_path: str | None) -> None:
+    """Check the configuration (and the files it names) and print the effective settings.
+
+    Creates nothing: no spool, no settings cache. Exit 0, or 78 with the key or line at fault.
+    """
+    from greenmail import backends, config, logfmt
+    from greenmail.errors import ConfigError
+
+    try:
+        file = config.find(config_path)
+        try:
+            data = file.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{file}: cannot read configuration: {e.strerror}") from None
+        cfg = config.parse(data, file)
+        cfg.relay.password()  # the password file's mode and readability (the secret is not printed)
+        rewriter = backends.rewriter(cfg)
+        if rewriter.aliases_path:
+            rewriter.aliases  # noqa: B018 - reading it is the check
+    except ConfigError as e:
+        fail(f"configuration error: {e}", EX_CONFIG)
+    click.echo(f"# {file}: ok")
+    for key, value in logfmt.settings(cfg).items():
+        if key != "source":
+            click.echo(f"{key} = {','.join(value) if isinstance(value, list) else value}")
 
 
 @main.command()
