@@ -29,6 +29,7 @@ from greenmail.exits import (
 if TYPE_CHECKING:
     from greenmail.config import Config
 
+
 def _inherited(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A subcommand's --config, else the one given before it (greenmail --config F queue list)."""
     if value is not None:
@@ -84,6 +85,35 @@ def setup_logging(
 )
 def main(config_path: str | None) -> None:
     """greenmail: a mail delivery daemon that sends a spool to an SMTP relay."""
+
+
+@main.group("relay")
+def relay_group() -> None:
+    """The relay."""
+
+
+@relay_group.command("test")
+@config_option
+def relay_test(config_path: str | None) -> None:
+    """Connect, EHLO, STARTTLS and AUTH as configured; print what the relay offers; send nothing.
+
+    Exit 0; 69 when the relay refuses (policy, TLS, authentication); 75 when it cannot be
+    reached now; 78 for the configuration. One line on stderr says which step failed and why.
+    """
+    import socket
+
+    from greenmail import relaytest
+    from greenmail.errors import ConfigError, ConnectFailed, SmtpError
+
+    cfg = load_config(config_path)
+    try:
+        for line in relaytest.run(cfg, cfg.relay.helo or socket.getfqdn()):
+            click.echo(line)
+    except ConfigError as e:
+        fail(f"configuration error: {e}", EX_CONFIG)
+    except SmtpError as e:
+        stage = "connect" if isinstance(e, ConnectFailed) else e.stage or "connect"
+        fail(f"relay test: {stage} failed: {e}", relaytest.exit_code(e))
 
 
 @main.group("config")
