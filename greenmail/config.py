@@ -228,7 +228,7 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Co
     """Validate a parsed TOML document; relative paths resolve against ``base``."""
     sections = confcheck.validate(raw)
     return Config(
-        spool=SpoolConfig(path=_under(base, sections.get("spool", {}).get("path", confcheck.SPOOL_PATH))),
+        spool=SpoolConfig(path=_under(base, sections.get("spool", {}).get("path", default_spool(base)))),
         relay=_relay(sections.get("relay", {}), base),
         delivery=DeliveryConfig(**sections.get("delivery", {})),
         retry=RetryConfig(**sections.get("retry", {})),
@@ -244,6 +244,15 @@ def _addresses(values: dict[str, Any], base: Path) -> AddressesConfig:
     if "aliases" in v:
         v["aliases"] = _under(base, v["aliases"])
     return AddressesConfig(**v)
+
+
+def default_spool(base: Path) -> str:
+    """spool.path when the file gives none: /var/spool/greenmail for a system configuration
+    (a file under /etc), else var/spool beside the file (a checkout, a test)."""
+    return SYSTEM_SPOOL if base == Path("/etc") or Path("/etc") in base.parents else confcheck.SPOOL_PATH
+
+
+SYSTEM_SPOOL = "/var/spool/greenmail"
 
 
 def _under(base: Path, path: str) -> Path:

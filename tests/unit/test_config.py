@@ -367,3 +367,19 @@ def test_password_file_others_may_read_is_refused(tmp_path: Path, mode: int, ok:
             ConfigError, match=r"relay.password_file: .* can be read or written by every user"
         ):
             cfg.relay.password()
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [
+        ("/etc/greenmail", "/var/spool/greenmail"),
+        ("/etc", "/var/spool/greenmail"),
+        ("/srv/app", "/srv/app/var/spool"),
+        ("/etcetera/x", "/etcetera/x/var/spool"),
+    ],
+)
+def test_the_default_spool_of_a_system_configuration_is_var_spool_greenmail(base: str, expected: str) -> None:
+    cfg = config.from_dict({"relay": {"host": "127.0.0.1"}}, base=Path(base))
+    assert cfg.spool.path == Path(expected)
+    given = config.from_dict({"spool": {"path": "q"}}, base=Path(base))
+    assert given.spool.path == Path(base) / "q"
