@@ -288,7 +288,7 @@ def test_a_message_being_sent_cannot_be_deleted_or_held(faulty: tuple[Setup, Fau
         s.root,
         relay.port,
         delivery={"check_interval": 1, "shutdown_grace": 2},
-        timeouts={"data_init": 2},
+        timeouts={"data_init": 6},  # long enough for both commands on a loaded machine
         metrics={"listen": f"127.0.0.1:{s.mport}"},
     )
     s.start()
@@ -300,7 +300,7 @@ def test_a_message_being_sent_cannot_be_deleted_or_held(faulty: tuple[Setup, Fau
         assert r.returncode == EX_TEMPFAIL, (command, r)
         assert b"being delivered" in r.stderr, r.stderr
     # the stalled attempt times out; the message comes back, and can be deleted now
-    support.wait_until(lambda: s.where(qid) == "deferred", 10)
+    support.wait_until(lambda: s.where(qid) == "deferred", 20)
     assert s.state(qid) == "deferred"
     r = s.cmd("queue", "delete", qid)
     assert r.returncode == 0, r.stderr
