@@ -29,7 +29,8 @@ def delivery_queue(cfg: Config, offload: Any, worker: tuple[int, int]) -> Delive
     from greenmail.spool import Spool
     from greenmail.spoolqueue import SpoolQueue
 
-    return SpoolQueue(Spool(cfg.spool.path, rewriter=rewriter(cfg)), offload, worker=worker)
+    spool = Spool(cfg.spool.path, rewriter=rewriter(cfg))
+    return SpoolQueue(spool, offload, worker=worker, prune_after=cfg.spool.prune_after)
 
 
 def rewriter(cfg: Config) -> Rewriter:

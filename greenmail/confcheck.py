@@ -117,7 +117,7 @@ def _listen(v: Any) -> str | None:
 
 
 SCHEMA: dict[str, dict[str, Check]] = {
-    "spool": {"path": _path},
+    "spool": {"path": _path, "prune_after": _duration},
     "relay": {
         "host": _text,
         "port": _int_range(1, 65535),

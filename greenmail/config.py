@@ -26,6 +26,7 @@ DEFAULT_PATHS = tuple(Path(p) for p in confcache.DEFAULT_PATHS)
 @dataclass(frozen=True)
 class SpoolConfig:
     path: Path
+    prune_after: float = 30 * 86400  # seconds a file stays in failed/ or corrupt/; 0 = for ever
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Co
     """Validate a parsed TOML document; relative paths resolve against ``base``."""
     sections = confcheck.validate(raw)
     return Config(
-        spool=SpoolConfig(path=_under(base, sections.get("spool", {}).get("path", default_spool(base)))),
+        spool=_spool(sections.get("spool", {}), base),
         relay=_relay(sections.get("relay", {}), base),
         delivery=DeliveryConfig(**sections.get("delivery", {})),
         retry=RetryConfig(**sections.get("retry", {})),
@@ -244,6 +245,11 @@ def _addresses(values: dict[str, Any], base: Path) -> AddressesConfig:
     if "aliases" in v:
         v["aliases"] = _under(base, v["aliases"])
     return AddressesConfig(**v)
+
+
+def _spool(values: dict[str, Any], base: Path) -> SpoolConfig:
+    path = _under(base, values.get("path", default_spool(base)))
+    return SpoolConfig(path, **{k: v for k, v in values.items() if k != "path"})
 
 
 def default_spool(base: Path) -> str:

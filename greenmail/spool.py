@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import stat
 import time
 from collections.abc import Iterable, Sequence
@@ -365,6 +366,42 @@ class Spool:
                     if de.name.startswith(DONE_PREFIX) or de.stat(follow_symlinks=False).st_mtime < limit:
                         os.unlink(de.path)
                         removed += 1
+        return removed
+
+    def prune(self, max_age: float, now: float | None = None) -> dict[str, int]:
+        """Remove what has been in failed/ or corrupt/ for longer than ``max_age`` seconds.
+
+        The time a file went there is its ctime (a rename sets it); its state file goes too.
+        One directory fsync per directory; a line in the log when anything was removed.
+        """
+        limit = (time.time() if now is None else now) - max_age
+        removed = {}
+        for d in (FAILED, CORRUPT):
+            n = 0
+            with os.scandir(self.dir(d)) as it:
+                for de in it:
+                    with contextlib.suppress(OSError):  # gone meanwhile, or taken by an operator
+                        if de.name.startswith(".") or de.stat(follow_symlinks=False).st_ctime >= limit:
+                            continue
+                        if de.is_dir(follow_symlinks=False):
+                            shutil.rmtree(de.path)
+                        else:
+                            os.unlink(de.path)
+                        n += 1
+                        qid = de.name.split(",", 1)[0]
+                        if layout.is_own_id(qid):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(f"{self._meta}/{qid}.json")
+            if n:
+                fsync_dir(self.dir(d))
+            removed[d] = n
+        if any(removed.values()):
+            log.info(
+                "pruned %d message(s) from failed/ and %d file(s) from corrupt/ there for over %g days",
+                removed[FAILED],
+                removed[CORRUPT],
+                max_age / 86400,
+            )
         return removed
 
     def outgoing_mtime(self) -> int:

@@ -64,8 +64,10 @@ class SpoolQueue:
         offload: Offload = direct,
         clock: Callable[[], float] = time.time,
         worker: tuple[int, int] = (0, 1),
+        prune_after: float = 0,
     ) -> None:
         self.spool = spool
+        self.prune_after = prune_after  # seconds failed/ and corrupt/ keep a file (0: for ever)
         self.offload = offload
         self.clock = clock
         self.worker = worker  # (k, n): this process sends the messages of share k of n
@@ -326,6 +328,8 @@ class SpoolQueue:
             else:
                 self._write(claim, next_at, attempt, not attempt or bool(claim.pending()))
         self.offload(self.spool.clean_tmp)
+        if self.prune_after and self.worker[0] == 0:  # one process prunes
+            self.offload(self.spool.prune, (self.prune_after,))
         self.offload(self.spool.recover)
         self.offload(self.spool.keep_owner)
         self._listed = self.offload(self.spool.counts)
