@@ -33,6 +33,15 @@ def delivery_queue(cfg: Config, offload: Any, worker: tuple[int, int]) -> Delive
     return SpoolQueue(spool, offload, worker=worker, prune_after=cfg.spool.prune_after)
 
 
+def reconfigure(queue: DeliveryQueue, cfg: Config) -> None:
+    """A reloaded configuration's queue settings (SIGHUP): the rewriting of pickups, pruning."""
+    from greenmail.spoolqueue import SpoolQueue
+
+    if isinstance(queue, SpoolQueue):
+        queue.spool.rewriter = rewriter(cfg)
+        queue.prune_after = cfg.spool.prune_after
+
+
 def rewriter(cfg: Config) -> Rewriter:
     """The address rewriting of [addresses], applied at submission."""
     return Rewriter(**cfg.addresses.settings())

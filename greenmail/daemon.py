@@ -27,9 +27,10 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
-from greenmail import backends, logfmt
-from greenmail.config import Config
+from greenmail import backends, logfmt, reload
+from greenmail.config import Config, load
 from greenmail.connection import Transport
+from greenmail.errors import ConfigError
 from greenmail.metrics import Metrics, wsgi_app
 from greenmail.notify import Notifier
 from greenmail.outbox import Outbox
@@ -43,7 +44,7 @@ LOG_INTERVAL = 0.2  # seconds: how long a log line may wait to be written with o
 READY_POLL = 0.1  # seconds between looks at the health while starting (READY=1 for systemd)
 HTTP_CLIENTS = 16  # /metrics and /healthz connections served at once
 HTTP_TIMEOUT = 10.0  # seconds an HTTP client may be idle
-HARMLESS = (signal.SIGHUP, signal.SIGUSR2)  # logged, never fatal (SIGUSR1 reopens logs; SIGPIPE ignored)
+HARMLESS = (signal.SIGUSR2,)  # logged, never fatal (SIGHUP reloads, SIGUSR1 reopens logs; SIGPIPE ignored)
 
 
 class _MetricsServer(WSGIServer):
@@ -162,6 +163,7 @@ class Daemon:
         for sig in HARMLESS:  # an operator's habit must never kill the daemon
             gevent.signal_handler(sig, self._on_harmless, sig)
         gevent.signal_handler(signal.SIGUSR1, self._reopen_logs)
+        gevent.signal_handler(signal.SIGHUP, self._reload)
         moved = self.queue.open()
         try:
             if self.worker[0]:
@@ -217,14 +219,49 @@ class Daemon:
     def _on_harmless(self, sig: int) -> None:
         log.info("signal %s: nothing to do (greenmail goes on)", signal.Signals(sig).name)
 
-    def _reopen_logs(self) -> None:
-        """SIGUSR1: reopen the log file (after logrotate), in the delivery processes too."""
-        files = logfmt.reopen()
+    def _reload(self) -> None:
+        """SIGHUP: read the configuration again; apply what can change live, keep the rest (logged).
+
+        A file that does not load keeps every old setting. The delivery processes get the
+        signal too and reload on their own. Sessions in flight finish with the old settings.
+        """
+        self._signal_children(signal.SIGHUP)
+        try:
+            new = share_config(load_config(self.cfg.source), self.worker)
+            helo = new.relay.helo or socket.getfqdn()
+            transport = Transport.build(new.relay, new.timeouts, self.metrics, helo, self.throttle)
+        except ConfigError as e:
+            log.error("signal SIGHUP: configuration not reloaded, the old settings stay: %s", e)
+            return
+        live, restart = reload.changes(self.cfg, new)
+        for key in restart:
+            log.warning("signal SIGHUP: %s changed: needs a restart (the old value stays until then)", key)
+        self.cfg = self.scheduler.cfg = _keep(new, self.cfg)
+        self.transport, self.helo = transport, helo
+        self.outbox.retry = new.retry
+        self.limiter.rate = new.relay.rate_limit
+        self.throttle.set_limit(new.delivery.max_connections)
+        if self.worker[0] == 0:
+            self.metrics.max_connections = self.cfg.delivery.max_connections * self.worker[1]
+        backends.reconfigure(self.queue, new)
+        self.scheduler.fill()  # a higher limit opens sessions now
+        log.info(
+            "signal SIGHUP: configuration reloaded%s",
+            f": {', '.join(live)} changed" if live else " (no setting changed)",
+            extra={"fields": {"event": "reload", "changed": live, "need_restart": restart}},
+        )
+
+    def _signal_children(self, sig: int) -> None:
         if self.supervisor is not None:
             for proc in list(self.supervisor.procs.values()):
                 if proc.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
-                        proc.send_signal(signal.SIGUSR1)
+                        proc.send_signal(sig)
+
+    def _reopen_logs(self) -> None:
+        """SIGUSR1: reopen the log file (after logrotate), in the delivery processes too."""
+        files = logfmt.reopen()
+        self._signal_children(signal.SIGUSR1)
         log.info("signal SIGUSR1: %s", "log file reopened" if files else "no log file to reopen")
 
     def _notify_systemd(self) -> None:
@@ -328,3 +365,20 @@ class Daemon:
                 log.warning("grace period over: stopping %d sessions, their messages go back", len(pool))
                 pool.kill(timeout=max(5.0, self.cfg.timeouts.command))
         self.queue.flush()  # the last removals made durable before exit
+
+
+def load_config(path: Any) -> Config:
+    """The configuration file read again (ConfigError when it does not load)."""
+    return load(path)
+
+
+def _keep(new: Config, old: Config) -> Config:
+    """``new`` with the settings that need a restart as they were."""
+    import dataclasses
+
+    return dataclasses.replace(
+        new,
+        spool=dataclasses.replace(new.spool, path=old.spool.path),
+        metrics=old.metrics,
+        delivery=dataclasses.replace(new.delivery, processes=old.delivery.processes),
+    )

@@ -53,7 +53,7 @@ class Scheduler:
         self.outbox = outbox
         self.metrics = metrics
         self.new_session = new_session
-        self.pool = Pool(config.delivery.max_connections)
+        self.pool = Pool()  # sized by the throttle, whose limit a reload may change
         self.throttle = throttle or Throttle(config.delivery.max_connections)
         self.stopping = False
         self.last_check = 0.0
@@ -147,7 +147,7 @@ class Scheduler:
         """Open sessions for due messages, within the limits; returns how many."""
         if self.stopping or self._failures >= self.cfg.delivery.connect_tries:
             return 0
-        free = min(self.pool.free_count(), self.throttle.current - len(self.pool))
+        free = self.throttle.current - len(self.pool)
         want = min(self.queue.due() - self._starting, free)
         if not self._greeted:
             want = min(want, 1 - self._probing)

@@ -45,6 +45,12 @@ class Throttle:
         self._current = limit
         self._until = 0.0
 
+    def set_limit(self, limit: int) -> None:
+        """A new configured limit (SIGHUP); a 421's halving in force stays until it ends."""
+        self.limit = limit
+        if not self._until:
+            self._current = limit
+
     def on_421(self) -> None:
         self._current = max(1, self.current // 2)
         self._until = self.clock() + THROTTLE_SECONDS

@@ -311,6 +311,7 @@ def seconds(value: str) -> float:
         ("NotifyAccess", "main"),
         ("User", "greenmail"),
         ("ExecStart", "/usr/bin/greenmail run --config /etc/greenmail/greenmail.toml"),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
         ("Restart", "on-failure"),
         ("RestartPreventExitStatus", "78"),
         ("KillMode", "mixed"),
