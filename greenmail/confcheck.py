@@ -85,6 +85,29 @@ def _mechanisms(v: Any) -> str | None:
     return None
 
 
+def _listen_list(v: Any) -> str | None:
+    if not isinstance(v, list):
+        return 'expected a list of "HOST:PORT"'
+    for item in v:
+        why = _listen(item)
+        if why or not item:
+            return 'expected a list of "HOST:PORT" (port 1-65535)'
+    return None
+
+
+def _networks(v: Any) -> str | None:
+    import ipaddress
+
+    if not isinstance(v, list):
+        return 'expected a list of networks, e.g. ["127.0.0.0/8", "::1/128"]'
+    for item in v:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except (ValueError, TypeError):
+            return f"not a network: {item!r}"
+    return None
+
+
 def _domain(v: Any) -> str | None:
     if not isinstance(v, str) or not v:
         return "expected a domain name"
@@ -155,6 +178,14 @@ SCHEMA: dict[str, dict[str, Check]] = {
     },
     "timeouts": {k: _positive_duration for k in TIMEOUTS},
     "metrics": {"listen": _listen},
+    "listener": {
+        "listen": _listen_list,
+        "allow": _networks,
+        "max_clients": _int_range(1, 100000),
+        "max_message_size": _int_range(1, 2**40),
+        "max_recipients": _int_range(1, 100000),
+        "timeout": _positive_duration,
+    },
     "addresses": {"origin": _domain, "aliases": _path, "admin": _mailbox, "hostname": _domain},
 }
 

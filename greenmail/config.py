@@ -145,6 +145,26 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ListenerConfig:
+    """[listener]: SMTP submission (listener.py); listens nowhere unless ``listen`` names addresses."""
+
+    listen: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # clients that may submit
+    max_clients: int = 100
+    max_message_size: int = 10240000
+    max_recipients: int = 1000
+    timeout: float = 300
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for item in self.listen:
+            host, _, port = item.rpartition(":")
+            out.append((host.strip("[]"), int(port)))
+        return out
+
+
+@dataclass(frozen=True)
 class AddressesConfig:
     """[addresses]: how local names are rewritten at submission (addresses.py)."""
 
@@ -173,6 +193,7 @@ class Config:
     metrics: MetricsConfig
     source: Path | None = None
     addresses: AddressesConfig = AddressesConfig()
+    listener: ListenerConfig = ListenerConfig()
 
 
 def find(path: str | os.PathLike[str] | None) -> Path:
@@ -237,6 +258,9 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Co
         metrics=MetricsConfig(**sections.get("metrics", {})),
         source=source,
         addresses=_addresses(sections.get("addresses", {}), base),
+        listener=ListenerConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in sections.get("listener", {}).items()}
+        ),
     )
 
 

@@ -31,6 +31,7 @@ from greenmail import backends, logfmt, reload
 from greenmail.config import Config, load
 from greenmail.connection import Transport
 from greenmail.errors import ConfigError
+from greenmail.listener import Listener
 from greenmail.metrics import Metrics, wsgi_app
 from greenmail.notify import Notifier
 from greenmail.outbox import Outbox
@@ -149,6 +150,7 @@ class Daemon:
             reconnect=not once,
         )
         self.http: WSGIServer | None = None
+        self.listener: Listener | None = None
         self._stop = Event()
         self._signalled = Event()
         self._fatal: BaseException | None = None
@@ -170,6 +172,15 @@ class Daemon:
                 self._start_link()
             elif not self.once:
                 self._start_http()
+                if config_listens(self.cfg):
+                    self.listener = Listener(
+                        self.cfg.listener,
+                        self.queue.incoming,
+                        backends.rewriter(self.cfg),
+                        self.metrics,
+                        offload,
+                    )
+                    self.listener.start()
             if self.supervisor is not None:
                 self.supervisor.start()  # first: the children start up while this process does
             k, n = self.worker
@@ -348,7 +359,12 @@ class Daemon:
         sup = self.supervisor
         if sup is not None and not (self.once and not self._signalled.is_set()):
             sup.stop()  # the children stop while this process does
+        listening = None
+        if self.listener is not None:  # no new submissions; those in progress get the grace period
+            listening = gevent.spawn(self.listener.stop, self.cfg.delivery.shutdown_grace)
         self._stop_sessions()
+        if listening is not None:
+            listening.join()
         if sup is not None:
             if self.once:
                 sup.wait(self._signalled)  # their passes end in their own time
@@ -380,5 +396,10 @@ def _keep(new: Config, old: Config) -> Config:
         new,
         spool=dataclasses.replace(new.spool, path=old.spool.path),
         metrics=old.metrics,
+        listener=old.listener,
         delivery=dataclasses.replace(new.delivery, processes=old.delivery.processes),
     )
+
+
+def config_listens(cfg: Config) -> bool:
+    return bool(cfg.listener.listen)

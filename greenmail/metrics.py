@@ -63,6 +63,18 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "expired": ("messages_expired", "Messages given up after max_lifetime", (), ("",)),
     "connect": ("connection_attempts", "SMTP connection attempts", ("result",), CONNECT_RESULTS),
     "scan": ("spool_scans", "Spool scans by trigger", ("trigger",), SCAN_TRIGGERS),
+    "listener_connection": (
+        "listener_connections",
+        "SMTP clients of the listener",
+        ("result",),
+        ("accepted", "refused"),
+    ),
+    "listener_message": (
+        "listener_messages",
+        "Transactions the listener ended",
+        ("result",),
+        ("queued", "rejected"),
+    ),
 }
 HISTOGRAMS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "delay": ("delivery_delay_seconds", "Enqueue to final 250", DELAY_BUCKETS),
@@ -87,6 +99,7 @@ class Metrics:
             k: [0.0] * (len(b) + 2) for k, (_, _, b) in HISTOGRAMS.items()
         }
         self.active = 0  # SMTP sessions open now
+        self.listener_active = 0  # clients of the SMTP listener now
         self.max_connections = max_connections
         self.heartbeat = 0.0  # time of the last periodic check
         self.queue_gauges: QueueGauges = _no_queue  # set by the daemon: the queue's counts and oldest
@@ -185,6 +198,9 @@ class _Families(Collector):
         yield GaugeMetricFamily(p + "connections_active", "SMTP sessions open now", value=total["active"])
         yield GaugeMetricFamily(
             p + "connections_max", "delivery.max_connections", value=self.m.max_connections
+        )
+        yield GaugeMetricFamily(
+            p + "listener_sessions_active", "Clients of the SMTP listener now", value=self.m.listener_active
         )
         spool = GaugeMetricFamily(p + "spool_messages", "Messages in the queue by state", labels=["state"])
         for state in SPOOL_STATES:

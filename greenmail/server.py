@@ -43,11 +43,23 @@ Open = Callable[[str, Sequence[str]], Store]
 class Server:
     """One SMTP conversation; ``greeting()`` first, then ``feed(line)`` for every line received."""
 
-    def __init__(self, hostname: str, open_store: Open, rewriter: Rewriter, max_size: int = MAX_SIZE) -> None:
+    def __init__(
+        self,
+        hostname: str,
+        open_store: Open,
+        rewriter: Rewriter,
+        max_size: int = MAX_SIZE,
+        max_recipients: int = MAX_RECIPIENTS,
+        may_relay: bool = True,
+    ) -> None:
         self.hostname = hostname
         self.open_store = open_store
         self.rewriter = rewriter
         self.max_size = max_size
+        self.max_recipients = max_recipients
+        self.may_relay = may_relay  # False: a client outside listener.allow (never an open relay)
+        self.helo_name = ""
+        self.esmtp = False
         self.closed = False
         self.errors = 0
         self._sender: str | None = None
@@ -58,6 +70,11 @@ class Server:
         self._size = 0
         self._failed: bytes | None = None  # the reply DATA ends with when the message cannot be kept
         self._long = False  # a command line longer than MAX_COMMAND is being skipped
+
+    @property
+    def busy(self) -> bool:
+        """In a transaction (after MAIL, before its end): a graceful stop lets it finish."""
+        return self._sender is not None
 
     def greeting(self) -> bytes:
         return f"220 {self.hostname} ESMTP greenmail\r\n".encode()
@@ -94,13 +111,22 @@ class Server:
         if not arg:
             return self._error("501 5.5.4 Syntax: HELO hostname")
         self._reset()
+        self.helo_name, self.esmtp = arg.split()[0], False
         return _reply(f"250 {self.hostname}")
 
     def _do_ehlo(self, arg: str) -> bytes:
         if not arg:
             return self._error("501 5.5.4 Syntax: EHLO hostname")
         self._reset()
-        lines = [self.hostname, "PIPELINING", f"SIZE {self.max_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        self.helo_name, self.esmtp = arg.split()[0], True
+        lines = [
+            self.hostname,
+            "PIPELINING",
+            f"SIZE {self.max_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        ]
         return b"".join(_reply(f"250{'-' if i < len(lines) - 1 else ' '}{x}") for i, x in enumerate(lines))
 
     def _do_mail(self, arg: str) -> bytes:
@@ -131,6 +157,8 @@ class Server:
             elif key == "BODY":
                 if value.upper() not in ("7BIT", "8BITMIME"):
                     return "501 5.5.4 Bad BODY parameter"
+            elif key == "SMTPUTF8" and not value:
+                pass
             else:
                 return f"555 5.5.4 Unsupported option: {p}"
         return None
@@ -141,8 +169,10 @@ class Server:
         m = _PATH.match(arg)
         if m is None or m[1].upper() != "TO" or m[3].strip():
             return self._error("501 5.5.4 Syntax: RCPT TO:<address>")
-        if len(self._rcpts) >= MAX_RECIPIENTS:
+        if len(self._rcpts) >= self.max_recipients:
             return _reply("452 4.5.3 Error: too many recipients")
+        if not self.may_relay:
+            return self._error("554 5.7.1 Relay access denied: this client may not submit mail")
         try:
             for r in self.rewriter.expand(m[2]):
                 address.check(r)

@@ -312,6 +312,10 @@ class SpoolQueue:
         if self._retired:
             self._sync_removals()
 
+    def incoming(self, sender: str, recipients: Any, trace: Any = None) -> Any:
+        """A message to be written chunk by chunk (the listener; blocking: call it offloaded)."""
+        return self.spool.incoming(sender, recipients, trace)
+
     def enqueue(self, sender: str, recipients: Any, message: bytes) -> str:
         return self.offload(self.spool.enqueue, (sender, recipients, message))
 

@@ -342,6 +342,7 @@ def test_schema_names_exactly_the_config_fields() -> None:
         "timeouts": config.Timeouts,
         "metrics": config.MetricsConfig,
         "addresses": config.AddressesConfig,
+        "listener": config.ListenerConfig,
     }
     assert set(confcheck.SCHEMA) == set(sections)
     for name, cls in sections.items():

@@ -53,6 +53,10 @@ CONTRACT: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "greenmail_delivery_delay_seconds": ("histogram", {}),
     "greenmail_smtp_session_duration_seconds": ("histogram", {}),
     "greenmail_build_info": ("gauge", {}),
+    # contract section 8
+    "greenmail_listener_connections": ("counter", {"result": ("accepted", "refused")}),
+    "greenmail_listener_messages": ("counter", {"result": ("queued", "rejected")}),
+    "greenmail_listener_sessions_active": ("gauge", {}),
 }
 
 
