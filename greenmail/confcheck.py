@@ -185,6 +185,8 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_message_size": _int_range(1, 2**40),
         "max_recipients": _int_range(1, 100000),
         "timeout": _positive_duration,
+        "tls_cert": _path,
+        "tls_key": _path,
     },
     "addresses": {"origin": _domain, "aliases": _path, "admin": _mailbox, "hostname": _domain},
 }

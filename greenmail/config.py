@@ -154,6 +154,8 @@ class ListenerConfig:
     max_message_size: int = 10240000
     max_recipients: int = 1000
     timeout: float = 300
+    tls_cert: Path | None = None  # PEM: STARTTLS is offered when it is set (the key in it or in tls_key)
+    tls_key: Path | None = None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -258,10 +260,18 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Co
         metrics=MetricsConfig(**sections.get("metrics", {})),
         source=source,
         addresses=_addresses(sections.get("addresses", {}), base),
-        listener=ListenerConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in sections.get("listener", {}).items()}
-        ),
+        listener=_listener(sections.get("listener", {}), base),
     )
+
+
+def _listener(values: dict[str, Any], base: Path) -> ListenerConfig:
+    v = {k: tuple(x) if isinstance(x, list) else x for k, x in values.items()}
+    for key in ("tls_cert", "tls_key"):
+        if v.get(key):
+            v[key] = _under(base, v[key])
+        else:
+            v.pop(key, None)
+    return ListenerConfig(**v)
 
 
 def _addresses(values: dict[str, Any], base: Path) -> AddressesConfig:

@@ -171,8 +171,7 @@ class Daemon:
             if self.worker[0]:
                 self._start_link()
             elif not self.once:
-                self._start_http()
-                if config_listens(self.cfg):
+                if config_listens(self.cfg):  # first: once /metrics answers, the listener does too
                     self.listener = Listener(
                         self.cfg.listener,
                         self.queue.incoming,
@@ -181,6 +180,7 @@ class Daemon:
                         offload,
                     )
                     self.listener.start()
+                self._start_http()
             if self.supervisor is not None:
                 self.supervisor.start()  # first: the children start up while this process does
             k, n = self.worker

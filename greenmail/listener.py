@@ -86,6 +86,7 @@ class Listener:
         self.metrics = metrics
         self.offload = offload
         self.allow = [ipaddress.ip_network(n, strict=False) for n in cfg.allow]
+        self.tls = _tls_context(cfg) if cfg.tls_cert else None
         self.pool = Pool()
         self.servers: list[StreamServer] = []
         self.stopping = False
@@ -147,11 +148,12 @@ class Listener:
             self.cfg.max_message_size,
             self.cfg.max_recipients,
             may_relay=self._allowed(ip),
+            starttls=self.tls is not None,
         )
         me = gevent.getcurrent()
         self._clients[me] = (sock, server)
         try:
-            self._converse(sock, server)
+            self._converse(sock, server, me)
         except (OSError, TimeoutError) as e:
             log.debug("client %s: %s", ip, e)
         finally:
@@ -169,7 +171,7 @@ class Listener:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self.allow)
 
-    def _converse(self, sock: socket.socket, server: Server) -> None:
+    def _converse(self, sock: socket.socket, server: Server, me: gevent.Greenlet) -> None:
         sock.settimeout(self.cfg.timeout)
         sock.sendall(server.greeting())
         buf = b""
@@ -193,6 +195,12 @@ class Listener:
             reply = b"".join(out)
             if reply:
                 sock.sendall(reply)
+            if server.want_tls:
+                assert self.tls is not None
+                buf = b""  # RFC 3207: what a client pipelined behind STARTTLS is not taken
+                sock = self.tls.wrap_socket(sock, server_side=True)
+                self._clients[me] = (sock, server)
+                server.tls_started()
             if self.stopping and not server.busy and not server.closed:
                 _bye(sock, server)
 
@@ -200,7 +208,7 @@ class Listener:
         name = _reverse(ip)
 
         def trace(qid: str) -> bytes:
-            proto = "ESMTP" if server.esmtp else "SMTP"
+            proto = ("ESMTPS" if server.tls else "ESMTP") if server.esmtp else "SMTP"
             return (
                 f"Received: from {server.helo_name or 'unknown'} ({name} [{ip}])\n"
                 f"\tby {self.rewriter.hostname} (greenmail) with {proto} id {qid};\n\t{rfc5322_date()}\n"
@@ -208,6 +216,21 @@ class Listener:
 
         incoming = self.offload(self.incoming, (sender, list(rcpts), trace))
         return _Store(incoming, self.offload, self.metrics, f"{name}[{ip}]")
+
+
+def _tls_context(cfg: ListenerConfig) -> Any:
+    """The server side of STARTTLS: TLS 1.2 at least (ConfigError for unusable files)."""
+    from gevent import ssl
+
+    from greenmail.errors import ConfigError
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key) if cfg.tls_key else None)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"listener.tls_cert/tls_key: cannot load: {e}") from None
+    return ctx
 
 
 def split_lines(buf: bytes, limit: int) -> tuple[list[bytes], bytes]:

@@ -51,6 +51,7 @@ class Server:
         max_size: int = MAX_SIZE,
         max_recipients: int = MAX_RECIPIENTS,
         may_relay: bool = True,
+        starttls: bool = False,
     ) -> None:
         self.hostname = hostname
         self.open_store = open_store
@@ -60,6 +61,9 @@ class Server:
         self.may_relay = may_relay  # False: a client outside listener.allow (never an open relay)
         self.helo_name = ""
         self.esmtp = False
+        self.starttls = starttls  # STARTTLS may be offered (the listener has a certificate)
+        self.tls = False
+        self.want_tls = False  # the caller is to start TLS now, then call tls_started()
         self.closed = False
         self.errors = 0
         self._sender: str | None = None
@@ -127,6 +131,8 @@ class Server:
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
         ]
+        if self.starttls and not self.tls:
+            lines.append("STARTTLS")
         return b"".join(_reply(f"250{'-' if i < len(lines) - 1 else ' '}{x}") for i, x in enumerate(lines))
 
     def _do_mail(self, arg: str) -> bytes:
@@ -216,7 +222,23 @@ class Server:
     def _do_expn(self, arg: str) -> bytes:
         return self._error("502 5.5.1 Error: command not implemented")
 
-    _do_starttls = _do_auth = _do_bdat = _do_turn = _do_etrn = _do_expn
+    def _do_starttls(self, arg: str) -> bytes:
+        if not self.starttls:
+            return self._error("502 5.5.1 Error: command not implemented")
+        if self.tls:
+            return self._error("503 5.5.1 Error: TLS already active")
+        if arg:
+            return self._error("501 5.5.4 Syntax: STARTTLS")
+        self._reset()
+        self.want_tls = True
+        return _reply("220 2.0.0 Ready to start TLS")
+
+    def tls_started(self) -> None:
+        """TLS is up: everything learnt before it is forgotten (RFC 3207 4.2)."""
+        self._reset()
+        self.want_tls, self.tls, self.helo_name, self.esmtp = False, True, "", False
+
+    _do_auth = _do_bdat = _do_turn = _do_etrn = _do_expn
 
     # -- DATA -------------------------------------------------------------------------------
 
