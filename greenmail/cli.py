@@ -116,6 +116,46 @@ def relay_test(config_path: str | None) -> None:
         fail(f"relay test: {stage} failed: {e}", relaytest.exit_code(e))
 
 
+@main.group("user")
+def user_group() -> None:
+    """The listener's AUTH users (listener.users_file)."""
+
+
+@user_group.command("add")
+@click.argument("name")
+@click.option("--users-file", required=True, type=click.Path(dir_okay=False), help="the file to write")
+def user_add(name: str, users_file: str) -> None:
+    """Add NAME (or change its password) with the password read from the first line of stdin.
+
+    The file is replaced atomically, mode 0600; other users' lines are kept.
+    """
+    import os
+
+    from greenmail import users
+    from greenmail.errors import ConfigError
+
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        fail("user add: no password on stdin", EX_USAGE)
+    try:
+        line = users.hash_line(name, password)
+        kept = []
+        if os.path.exists(users_file):
+            users.load(users_file)  # a broken file is not rewritten
+            with open(users_file, encoding="utf-8") as f:
+                kept = [x for x in f.read().splitlines() if x.partition(":")[0] != name]
+    except ConfigError as e:
+        fail(f"user add: {e}", EX_CONFIG)
+    tmp = f"{users_file}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join([*kept, line]) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, users_file)
+    click.echo(f"{name}: added to {users_file}")
+
+
 @main.group("config")
 def config_group() -> None:
     """The configuration file."""

@@ -187,6 +187,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "timeout": _positive_duration,
         "tls_cert": _path,
         "tls_key": _path,
+        "users_file": _path,
     },
     "addresses": {"origin": _domain, "aliases": _path, "admin": _mailbox, "hostname": _domain},
 }

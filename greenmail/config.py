@@ -156,6 +156,7 @@ class ListenerConfig:
     timeout: float = 300
     tls_cert: Path | None = None  # PEM: STARTTLS is offered when it is set (the key in it or in tls_key)
     tls_key: Path | None = None
+    users_file: Path | None = None  # AUTH users (users.py); AUTH is offered after STARTTLS only
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -266,7 +267,7 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Co
 
 def _listener(values: dict[str, Any], base: Path) -> ListenerConfig:
     v = {k: tuple(x) if isinstance(x, list) else x for k, x in values.items()}
-    for key in ("tls_cert", "tls_key"):
+    for key in ("tls_cert", "tls_key", "users_file"):
         if v.get(key):
             v[key] = _under(base, v[key])
         else:

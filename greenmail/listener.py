@@ -26,6 +26,7 @@ from gevent import socket as gsocket
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from greenmail import users
 from greenmail.addresses import Rewriter
 from greenmail.config import ListenerConfig
 from greenmail.dropoff import rfc5322_date
@@ -87,6 +88,7 @@ class Listener:
         self.offload = offload
         self.allow = [ipaddress.ip_network(n, strict=False) for n in cfg.allow]
         self.tls = _tls_context(cfg) if cfg.tls_cert else None
+        self.users = users.load(cfg.users_file) if cfg.users_file else None
         self.pool = Pool()
         self.servers: list[StreamServer] = []
         self.stopping = False
@@ -149,6 +151,7 @@ class Listener:
             self.cfg.max_recipients,
             may_relay=self._allowed(ip),
             starttls=self.tls is not None,
+            check_password=self._check if self.users is not None else None,
         )
         me = gevent.getcurrent()
         self._clients[me] = (sock, server)
@@ -161,6 +164,11 @@ class Listener:
             self.metrics.listener_active -= 1
             server.close()
             sock.close()
+
+    def _check(self, name: str, password: str) -> bool:
+        """A password checked in the threadpool (scrypt takes tens of ms: never on the hub)."""
+        assert self.users is not None
+        return bool(self.offload(users.check, (self.users, name, password)))
 
     def _allowed(self, ip: str) -> bool:
         try:
@@ -208,7 +216,11 @@ class Listener:
         name = _reverse(ip)
 
         def trace(qid: str) -> bytes:
-            proto = ("ESMTPS" if server.tls else "ESMTP") if server.esmtp else "SMTP"
+            proto = (
+                "ESMTP" + ("S" if server.tls else "") + ("A" if server.user else "")
+                if server.esmtp
+                else "SMTP"
+            )
             return (
                 f"Received: from {server.helo_name or 'unknown'} ({name} [{ip}])\n"
                 f"\tby {self.rewriter.hostname} (greenmail) with {proto} id {qid};\n\t{rfc5322_date()}\n"

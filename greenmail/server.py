@@ -13,6 +13,7 @@ Must not touch: sockets, files, gevent (the caller's loop does the I/O).
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -52,6 +53,7 @@ class Server:
         max_recipients: int = MAX_RECIPIENTS,
         may_relay: bool = True,
         starttls: bool = False,
+        check_password: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.hostname = hostname
         self.open_store = open_store
@@ -64,6 +66,9 @@ class Server:
         self.starttls = starttls  # STARTTLS may be offered (the listener has a certificate)
         self.tls = False
         self.want_tls = False  # the caller is to start TLS now, then call tls_started()
+        self.check_password = check_password  # AUTH PLAIN/LOGIN after TLS when given
+        self.user: str | None = None  # who authenticated
+        self._auth: tuple[str, str | None] | None = None  # a mechanism waiting for a 334 answer
         self.closed = False
         self.errors = 0
         self._sender: str | None = None
@@ -89,6 +94,8 @@ class Server:
             return b""
         if self._in_data:
             return self._data(piece)
+        if self._auth is not None and piece.endswith(b"\n") and len(piece) <= MAX_COMMAND:
+            return self._auth_answer(piece.rstrip(b"\r\n"))
         if not piece.endswith(b"\n") or self._long:  # a command over MAX_COMMAND: skipped to its end
             self._long = not piece.endswith(b"\n")
             return b"" if self._long else self._error("500 5.5.2 Error: line too long")
@@ -133,6 +140,8 @@ class Server:
         ]
         if self.starttls and not self.tls:
             lines.append("STARTTLS")
+        if self.check_password is not None and self.tls and self.user is None:
+            lines.append("AUTH PLAIN LOGIN")
         return b"".join(_reply(f"250{'-' if i < len(lines) - 1 else ' '}{x}") for i, x in enumerate(lines))
 
     def _do_mail(self, arg: str) -> bytes:
@@ -238,7 +247,52 @@ class Server:
         self._reset()
         self.want_tls, self.tls, self.helo_name, self.esmtp = False, True, "", False
 
-    _do_auth = _do_bdat = _do_turn = _do_etrn = _do_expn
+    def _do_auth(self, arg: str) -> bytes:
+        if self.check_password is None:
+            return self._error("502 5.5.1 Error: command not implemented")
+        if not self.tls:
+            return self._error("538 5.7.11 Encryption required for requested authentication mechanism")
+        if self.user is not None or self._sender is not None:
+            return self._error(
+                "503 5.5.1 Error: already authenticated" if self.user else "503 5.5.1 Error: MAIL given"
+            )
+        mech, _, initial = arg.partition(" ")
+        mech = mech.upper()
+        if mech not in ("PLAIN", "LOGIN"):
+            return self._error("504 5.5.4 Unrecognized authentication type")
+        if not initial:
+            self._auth = (mech, None)
+            return _reply("334 " if mech == "PLAIN" else "334 VXNlcm5hbWU6")
+        return self._auth_answer(initial.strip().encode(), mech)
+
+    def _auth_answer(self, line: bytes, mech: str | None = None) -> bytes:
+        pending, self._auth = self._auth, None
+        mech = mech or (pending[0] if pending else "PLAIN")
+        if line == b"*":
+            return self._error("501 5.7.0 Authentication aborted")
+        try:
+            data = base64.b64decode(line, validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return self._error("501 5.5.2 Cannot decode response")
+        if mech == "LOGIN" and (pending is None or pending[1] is None):
+            self._auth = ("LOGIN", data)  # the user name; the password next
+            return _reply("334 UGFzc3dvcmQ6")
+        if mech == "LOGIN":
+            assert pending is not None and pending[1] is not None
+            user, password = pending[1], data
+        else:
+            parts = data.split("\0")
+            if len(parts) != 3:
+                return self._error("501 5.5.2 Malformed PLAIN response")
+            user, password = parts[1], parts[2]
+        assert self.check_password is not None
+        if not user or not self.check_password(user, password):
+            return self._error("535 5.7.8 Error: authentication failed")
+        self.user = user
+        self.may_relay = True
+        return _reply("235 2.7.0 Authentication successful")
+
+    _do_bdat = _do_turn = _do_etrn = _do_expn
 
     # -- DATA -------------------------------------------------------------------------------
 
