@@ -61,6 +61,7 @@ class _Store:
         self._flush()
         qid = self.offload(self.incoming.commit)
         self.metrics.count("listener_message", "queued")
+        self.metrics.count("received", "smtp")
         log.info("%s: client=%s", qid, self.client, extra={"fields": {"event": "smtpd", "queue_id": qid}})
         return qid
 

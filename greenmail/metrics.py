@@ -63,6 +63,7 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "expired": ("messages_expired", "Messages given up after max_lifetime", (), ("",)),
     "connect": ("connection_attempts", "SMTP connection attempts", ("result",), CONNECT_RESULTS),
     "scan": ("spool_scans", "Spool scans by trigger", ("trigger",), SCAN_TRIGGERS),
+    "received": ("messages_received", "Messages the daemon saw arrive", ("source",), ("smtp", "local")),
     "listener_connection": (
         "listener_connections",
         "SMTP clients of the listener",

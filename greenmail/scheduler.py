@@ -116,6 +116,7 @@ class Scheduler:
 
     def _woken(self) -> None:
         self.metrics.count("scan", "wakeup")
+        self.metrics.count("received", "local", self.queue.take_arrivals())
         self.fill()
 
     def poke(self) -> None:

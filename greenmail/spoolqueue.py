@@ -87,6 +87,10 @@ class SpoolQueue:
         # scan are kept aside and indexed again after it (they may be newer than its listing).
         self._scanning = Semaphore()
         self._during: list[Entry] | None = None
+        # new messages seen arriving (metrics: received{source="local"}); what the listener wrote
+        # and what went back untouched are not new
+        self._arrivals = 0
+        self._not_new: set[str] = set()
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -135,7 +139,7 @@ class SpoolQueue:
         """Cheap scan: index the names that appeared since the last look."""
         with self._scanning:
             self.offload(pickup, (self.spool,))
-            self._add(self.offload(self.spool.scan, (frozenset(self._known),)))
+            self._add(self.offload(self.spool.scan, (frozenset(self._known),)), arrivals=True)
         return self.due()
 
     def arrived(self, names: list[str]) -> int:
@@ -148,10 +152,15 @@ class SpoolQueue:
             if entry is None:
                 return self.wakeup()  # giving a foreign name an id renames it: the scan does that
             entries.append(entry)
-        self._add(entries)
+        self._add(entries, arrivals=True)
         return self.due()
 
-    def _add(self, entries: list[Entry]) -> None:
+    def take_arrivals(self) -> int:
+        """How many new messages arrived since the last call (not those the listener wrote)."""
+        n, self._arrivals = self._arrivals, 0
+        return n
+
+    def _add(self, entries: list[Entry], arrivals: bool = False) -> None:
         """Index entries (in name order: oldest first); yields to other greenlets now and then."""
         if self._during is not None:
             self._during.extend(entries)
@@ -165,6 +174,11 @@ class SpoolQueue:
             self._known.add(e.name)
             if share(e.id, n) != k:
                 continue  # another delivery process's message
+            if arrivals and not e.attempts:
+                if e.id in self._not_new:
+                    self._not_new.discard(e.id)
+                else:
+                    self._arrivals += 1
             self._count(e, 1)
             if e.due(now):
                 self._due.append(e)
@@ -257,6 +271,7 @@ class SpoolQueue:
         """Put a claim back untouched: no attempt counted, due as before."""
         assert isinstance(claim, SpoolClaim)
         claim.settled = True
+        self._not_new.add(claim.id)
         self._write(claim, claim.entry.next_at, False, True)
 
     def _write(self, claim: SpoolClaim, next_at: float, attempt: bool, back: bool) -> None:
@@ -314,7 +329,11 @@ class SpoolQueue:
 
     def incoming(self, sender: str, recipients: Any, trace: Any = None) -> Any:
         """A message to be written chunk by chunk (the listener; blocking: call it offloaded)."""
-        return self.spool.incoming(sender, recipients, trace)
+        incoming = self.spool.incoming(sender, recipients, trace)
+        if len(self._not_new) > 10_000:  # ids of aborted messages never arrive: bounded
+            self._not_new.clear()
+        self._not_new.add(incoming.id)  # counted as received{source="smtp"} by the listener
+        return incoming
 
     def enqueue(self, sender: str, recipients: Any, message: bytes) -> str:
         return self.offload(self.spool.enqueue, (sender, recipients, message))

@@ -114,6 +114,9 @@ class MemQueue:
         now = self.clock()
         return [r for r in self.records.values() if r.indexed and r.place == "outgoing" and r.next_at <= now]
 
+    def take_arrivals(self) -> int:
+        return 0
+
     def due(self) -> int:
         return len(self._due())
 

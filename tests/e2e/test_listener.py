@@ -264,3 +264,20 @@ def test_kill_9_after_the_250_still_delivers(setup: Setup) -> None:
     setup.daemon = start_daemon(setup.cfg, setup.tmp / "daemon2.log", metrics_port=setup.mport)
     support.wait_until(lambda: setup.relay.count() == 1, 15, what="the delivery after the restart")
     assert setup.relay.message_ids() == ["<k9@t>"]
+
+
+def test_messages_received_counts_each_arrival_once_by_source(setup: Setup) -> None:
+    import promtool_support as pt
+
+    setup.start()
+    c = setup.client()
+    c.sendmail("a@example.org", ["b@example.net"], b"Message-ID: <smtp@t>\r\n\r\nx\r\n")
+    c.quit()
+    support.enqueue(setup.cfg, b"Message-ID: <local@t>\n\nx\n", "a@example.org", "b@example.net")
+    support.wait_until(lambda: setup.relay.count() == 2, 10, what="both delivered")
+
+    def received() -> dict[str, float]:
+        samples = pt.parse(pt.http_get(f"http://127.0.0.1:{setup.mport}/metrics")[1].decode())
+        return {s: samples[pt.key("greenmail_messages_received_total", source=s)] for s in ("smtp", "local")}
+
+    support.wait_until(lambda: received() == {"smtp": 1, "local": 1}, 10, what="received 1 and 1")

@@ -57,6 +57,7 @@ CONTRACT: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "greenmail_listener_connections": ("counter", {"result": ("accepted", "refused")}),
     "greenmail_listener_messages": ("counter", {"result": ("queued", "rejected")}),
     "greenmail_listener_sessions_active": ("gauge", {}),
+    "greenmail_messages_received": ("counter", {"source": ("smtp", "local")}),
 }
 
 
