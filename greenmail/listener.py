@@ -181,37 +181,13 @@ class Listener:
         return any(addr in net for net in self.allow)
 
     def _converse(self, sock: socket.socket, server: Server, me: gevent.Greenlet) -> None:
-        sock.settimeout(self.cfg.timeout)
-        sock.sendall(server.greeting())
-        buf = b""
-        while not server.closed:
-            pieces, buf = split_lines(buf, MAX_LINE)
-            if not pieces:
-                try:
-                    data = sock.recv(CHUNK)
-                except TimeoutError:
-                    sock.sendall(f"421 4.4.2 {server.hostname} Error: timeout exceeded\r\n".encode())
-                    return
-                if not data:
-                    return
-                buf += data
-                continue
-            out = []
-            for piece in pieces:
-                out.append(server.feed(piece))
-                if server.closed:
-                    break
-            reply = b"".join(out)
-            if reply:
-                sock.sendall(reply)
-            if server.want_tls:
-                assert self.tls is not None
-                buf = b""  # RFC 3207: what a client pipelined behind STARTTLS is not taken
-                sock = self.tls.wrap_socket(sock, server_side=True)
-                self._clients[me] = (sock, server)
-                server.tls_started()
-            if self.stopping and not server.busy and not server.closed:
-                _bye(sock, server)
+        def starttls(plain: socket.socket) -> socket.socket:
+            assert self.tls is not None
+            wrapped = self.tls.wrap_socket(plain, server_side=True)
+            self._clients[me] = (wrapped, server)
+            return wrapped
+
+        converse(sock, server, self.cfg.timeout, starttls, lambda: self.stopping)
 
     def _store(self, server: Server, ip: str, sender: str, rcpts: Sequence[str]) -> _Store:
         name = _reverse(ip)
@@ -244,6 +220,45 @@ def _tls_context(cfg: ListenerConfig) -> Any:
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"listener.tls_cert/tls_key: cannot load: {e}") from None
     return ctx
+
+
+def converse(
+    sock: socket.socket,
+    server: Server,
+    timeout: float,
+    starttls: Callable[[socket.socket], socket.socket] | None = None,
+    stopping: Callable[[], bool] = lambda: False,
+) -> None:
+    """One client's conversation: lines in (bounded), replies out in one write per batch."""
+    sock.settimeout(timeout)
+    sock.sendall(server.greeting())
+    buf = b""
+    while not server.closed:
+        pieces, buf = split_lines(buf, MAX_LINE)
+        if not pieces:
+            try:
+                data = sock.recv(CHUNK)
+            except TimeoutError:
+                sock.sendall(f"421 4.4.2 {server.hostname} Error: timeout exceeded\r\n".encode())
+                return
+            if not data:
+                return
+            buf += data
+            continue
+        out = []
+        for piece in pieces:
+            out.append(server.feed(piece))
+            if server.closed:
+                break
+        reply = b"".join(out)
+        if reply:
+            sock.sendall(reply)
+        if server.want_tls and starttls is not None:
+            buf = b""  # RFC 3207: what a client pipelined behind STARTTLS is not taken
+            sock = starttls(sock)
+            server.tls_started()
+        if stopping() and not server.busy and not server.closed:
+            _bye(sock, server)
 
 
 def split_lines(buf: bytes, limit: int) -> tuple[list[bytes], bytes]:
