@@ -20,6 +20,7 @@ from bench.baseline import run_baseline
 from bench.code import snapshot_dir, snapshot_greenmail
 from bench.drain import wl_drain
 from bench.fill import fill_main, submit_main
+from bench.listener import wl_listener
 from bench.options import DEFAULT_DRAIN_PEERS, ENQUEUE_PEERS, LIVE_PEERS, SLOW_PEERS, names, parser
 from bench.peers import Ctx, Nullmailer, Postfix
 from bench.procs import become_subreaper, kill_strays
@@ -167,6 +168,8 @@ def run_command(args: argparse.Namespace, ctx: Ctx, res: Results) -> None:
         wl_enqueue(ctx, res, args.n, args.par, args.runs, args.peers)
     elif c == "big":
         wl_big(ctx, res, args.mb, args.runs, args.peers)
+    elif c == "listener":
+        wl_listener(ctx, res, args.n, args.sessions, args.runs, not args.no_e2e)
     elif c == "profile":
         wl_profile(ctx, args.n, args.conns)
     elif c == "smoke":

@@ -167,3 +167,33 @@ def big_growth(q: Query) -> list[Measured]:
             "" if size == "50 MB" else f" (measured with {size})",
         )
     ]
+
+
+def _listener_n(q: Query, workload: str) -> str | None:
+    ns = q.ns(workload, "greenmail")
+    return "10000" if "10000" in ns else (ns or [None])[0]
+
+
+def listener_vs_postfix(workload: str, sessions: str) -> Callable[[Query], list[Measured]]:
+    """greenmail's listener msg/s / Postfix smtpd's, same N and smtp-source sessions."""
+
+    def measure(q: Query) -> list[Measured]:
+        n = _listener_n(q, workload)
+        gm = q.med(workload, "greenmail", "msg_per_s", n, sessions) if n else None
+        pf = q.med(workload, "postfix", "msg_per_s", n, sessions) if n else None
+        ok = bool(gm and pf)
+        return [
+            Measured(
+                gm / pf if ok else None,
+                f"greenmail {fmt(gm, 0)} / postfix {fmt(pf, 0)} msg/s" if ok else "",
+                _sfx(n),
+            )
+        ]
+
+    return measure
+
+
+def listener_rss(q: Query) -> list[Measured]:
+    n = _listener_n(q, "listener")
+    v = q.med("listener", "greenmail", "peak_rss_mb", n, "100") if n else None
+    return [Measured(v, f"{fmt(v)} MB" if v is not None else "", _sfx(n))]

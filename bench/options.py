@@ -85,6 +85,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
     _common(p, 3)
     p.add_argument("--mb", type=int, default=50)
     p.add_argument("--peers", type=names, default=names("greenmail,postfix"))
+    p = sub.add_parser("listener", help="smtp-source -> the SMTP listener vs Postfix smtpd")
+    _common(p, 1)
+    p.add_argument("--n", type=int, default=10000)
+    p.add_argument("--sessions", type=ints, default=[10, 100], help="smtp-source -s (concurrent sessions)")
+    p.add_argument("--no-e2e", action="store_true", help="leave out the end-to-end rows (relay = smtp-sink)")
+    p.set_defaults(peers=["greenmail", "postfix"])  # what check_setup() needs; no --peers option
     p = sub.add_parser("profile", help="py-spy profile of greenmail run --once draining N")
     _common(p, 1)
     p.add_argument("--n", type=int, default=10000)

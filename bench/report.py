@@ -154,6 +154,36 @@ def render(rows: list[Row], env: str = "") -> str:
                 f"| {_f(_med(ok, 'wall_s'), 2)} | {_delivered(rs)} |"
             )
         out.append("")
+    out += _listener_tables(rows)
     out += comparison(rows)
     out += verdicts(rows)
     return "\n".join(out) + "\n"
+
+
+def _listener_tables(rows: list[Row]) -> list[str]:
+    out = []
+    titles = {
+        "listener": "### Listener: smtp-source -> SMTP server, relay not listening (accept rate)",
+        "listener_e2e": "### Listener end to end: smtp-source -> SMTP server -> smtp-sink",
+    }
+    for workload, title in titles.items():
+        groups = sorted(_groups(rows, workload), key=_sort_key)
+        if not groups:
+            continue
+        out += [
+            title,
+            "",
+            "| peer | N | sessions | runs | msg/s | min-max | wall s | smtp-source s | peak RSS MB "
+            "| peak PSS MB | procs | delivered |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for (peer, n, conns, _), rs in groups:
+            ok = [r for r in rs if r["status"] == "ok"] or rs
+            rate, mm = _rate_cells(rs)
+            out.append(
+                f"| {peer} | {n} | {conns} | {len(rs)} | {rate} | {mm} | {_f(_med(ok, 'wall_s'), 2)} "
+                f"| {_f(_med(ok, 'enqueue_s'), 2)} | {_f(_med(ok, 'peak_rss_mb'))} "
+                f"| {_f(_med(ok, 'peak_pss_mb'))} | {_f(_med(ok, 'procs'), 0)} | {_delivered(rs)} |"
+            )
+        out.append("")
+    return out

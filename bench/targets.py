@@ -77,6 +77,19 @@ TARGETS: tuple[Target, ...] = (
     Target("50 MB message: peak RSS growth <= 20 MB", 20, False, "MB",
            "the big-message workload, greenmail row: peak RSS - idle RSS",
            measures.big_growth),
+    Target("listener, 10 sessions: accept rate >= 1.5x Postfix smtpd", 1.5, True, "",
+           "`smtp-source -s 10 -l 2048` into greenmail's listener / into a Postfix smtpd, relay not "
+           "listening (all N stay queued): N / smtp-source's wall time, greenmail / postfix",
+           measures.listener_vs_postfix("listener", "10")),
+    Target("listener, 100 sessions: accept rate >= 1.5x Postfix smtpd", 1.5, True, "",
+           "as above with `-s 100`",
+           measures.listener_vs_postfix("listener", "100")),
+    Target("listener end to end, 10 sessions: >= 1.5x Postfix", 1.5, True, "",
+           "smtp-source -> server -> smtp-sink: N / the time until the sink has all N, greenmail / postfix",
+           measures.listener_vs_postfix("listener_e2e", "10")),
+    Target("listener, 100 sessions: peak RSS <= 100 MB", 100, False, "MB",
+           "greenmail's peak RSS while accepting from 100 smtp-source sessions (smtp-source not counted)",
+           measures.listener_rss),
 )
 # fmt: on
 
