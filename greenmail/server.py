@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from greenmail import address
+from greenmail import address, wire
 from greenmail.addresses import Rewriter
 from greenmail.errors import AddressError, ConfigError, EnqueueError
 
@@ -297,10 +297,9 @@ class Server:
     # -- DATA -------------------------------------------------------------------------------
 
     def _data(self, piece: bytes) -> bytes:
-        if self._bol and piece in (b".\r\n", b".\n"):
+        if self._bol and wire.is_end_of_data(piece):
             return self._end_of_data()
-        if self._bol and piece.startswith(b"."):
-            piece = piece[1:]
+        piece = wire.unstuff_piece(piece, self._bol)
         self._bol = piece.endswith(b"\n")
         self._size += len(piece)
         if self._failed is None and self._size > self.max_size:

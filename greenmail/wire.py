@@ -221,6 +221,16 @@ class DotStuffer(LineNormaliser):
         return super().finish() + b".\r\n"
 
 
+def is_end_of_data(line: bytes) -> bool:
+    """Whether a line received in DATA is the final "." (CRLF or a bare LF after it)."""
+    return line in (b".\r\n", b".\n")
+
+
+def unstuff_piece(piece: bytes, line_start: bool) -> bytes:
+    """A piece of a received DATA line without the dot a sender added (RFC 5321 4.5.2)."""
+    return piece[1:] if line_start and piece.startswith(b".") else piece
+
+
 def stuff(data: bytes) -> bytes:
     """Dot-stuff a whole body at once (tests and small messages)."""
     s = DotStuffer()
@@ -255,10 +265,9 @@ class DotUnstuffer:
         self.size = 0
 
     def feed_line(self, line: bytes) -> bool:
-        if line in (b".\r\n", b".\n"):
+        if is_end_of_data(line):
             return True
-        if line.startswith(b"."):
-            line = line[1:]
+        line = unstuff_piece(line, True)
         self.parts.append(line)
         self.size += len(line)
         return False
