@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -168,3 +169,14 @@ def sink(port: int, maildir: Path, log: Path) -> Process:
 def spool_files(spool: Path, sub: str) -> list[str]:
     d = spool / sub
     return sorted(n for n in os.listdir(d) if not n.startswith(".")) if d.exists() else []
+
+
+def need_tool(tool: str, package: str) -> str:
+    """The path of a Debian-packaged ``tool`` (PATH, then /usr/sbin); skip when missing, fail under CI."""
+    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}") else None)
+    if path is None:
+        message = f"{tool} is not installed (Debian package '{package}'; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,13 +32,7 @@ SENT = re.compile(r"greenmail/smtp\[\d+\]: ([0-9A-F]{24}): to=<[^>]+>, .* status
 
 
 def pflogsumm() -> str:
-    path = shutil.which("pflogsumm")
-    if path is None:
-        message = "pflogsumm is not installed (Debian package 'pflogsumm')"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return support.need_tool("pflogsumm", "pflogsumm")
 
 
 def summary(log: Path) -> dict[str, int]:

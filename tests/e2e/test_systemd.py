@@ -6,9 +6,7 @@ systemd-analyze (Debian package ``systemd``; it runs without systemd running).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -338,13 +336,7 @@ def test_the_unit_timeouts_fit_the_defaults() -> None:
 
 
 def systemd_analyze() -> str:
-    path = shutil.which("systemd-analyze")
-    if path is None:
-        message = "systemd-analyze is not installed (Debian package 'systemd')"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return support.need_tool("systemd-analyze", "systemd")
 
 
 def runnable_unit(tmp: Path) -> Path:

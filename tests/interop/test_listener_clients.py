@@ -3,25 +3,16 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import peers
-import pytest
 import support
 from aiosmtpd_server import start_daemon, start_relay
 
 
 def need(tool: str) -> str:
-    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}") else None)
-    if path is None:
-        message = f"{tool} is not installed"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return support.need_tool(tool, "postfix" if tool == "smtp-source" else tool)
 
 
 def test_smtp_source_fifty_messages_over_ten_sessions_delivered_once(tmp_path: Path) -> None:
