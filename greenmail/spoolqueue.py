@@ -460,4 +460,8 @@ class SpoolQueue:
                     self.watch_problem = None
         finally:
             if notify is not None:
-                notify.close()
+                try:  # closing an inotify descriptor waits for the kernel (RCU): not on the hub
+                    self.offload(notify.close)
+                except BaseException:
+                    notify.close()
+                    raise

@@ -86,4 +86,7 @@ class Inotify:
         return names
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close the descriptor (once: a second call does nothing)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
