@@ -63,6 +63,11 @@ def _path(v: Any) -> str | None:
     return None
 
 
+def _optional_path(v: Any) -> str | None:
+    """A path, or "" for none (the listener's TLS and users files)."""
+    return None if v == "" else _path(v)
+
+
 def _choice(options: tuple[str, ...]) -> Check:
     def check(v: Any) -> str | None:
         return None if v in options else "expected one of " + ", ".join(f'"{o}"' for o in options)
@@ -185,9 +190,9 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_message_size": _int_range(1, 2**40),
         "max_recipients": _int_range(1, 100000),
         "timeout": _positive_duration,
-        "tls_cert": _path,
-        "tls_key": _path,
-        "users_file": _path,
+        "tls_cert": _optional_path,
+        "tls_key": _optional_path,
+        "users_file": _optional_path,
     },
     "addresses": {"origin": _domain, "aliases": _path, "admin": _mailbox, "hostname": _domain},
 }

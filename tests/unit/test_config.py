@@ -384,3 +384,11 @@ def test_the_default_spool_of_a_system_configuration_is_var_spool_greenmail(base
     assert cfg.spool.path == Path(expected)
     given = config.from_dict({"spool": {"path": "q"}}, base=Path(base))
     assert given.spool.path == Path(base) / "q"
+
+
+def test_the_listeners_file_keys_may_be_empty_as_the_documented_defaults() -> None:
+    raw = {"listener": {"listen": [], "tls_cert": "", "tls_key": "", "users_file": ""}}
+    cfg = config.from_dict(raw, base=Path("/srv"))
+    assert (cfg.listener.tls_cert, cfg.listener.tls_key, cfg.listener.users_file) == (None, None, None)
+    with pytest.raises(ConfigError, match="listener.tls_cert"):
+        config.from_dict({"listener": {"tls_cert": 3}}, base=Path("/srv"))
