@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from greenmail import __version__
 from greenmail.exits import (
     EX_CANTCREAT,
     EX_CONFIG,
@@ -76,7 +77,7 @@ def setup_logging(
 
 
 @click.group()
-@click.version_option(package_name="greenmail")
+@click.version_option(__version__)  # not the distribution metadata: the Debian package has none
 @click.option(
     "--config",
     "config_path",

@@ -315,7 +315,7 @@ def _create_tmp(spool: str) -> tuple[str, int, str]:
         qid = layout.new_id()
         tmp = f"{where}{qid}"
         try:
-            return qid, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             continue
         except PermissionError as e:
@@ -324,7 +324,23 @@ def _create_tmp(spool: str) -> tuple[str, int, str]:
             where = f"{spool}/{layout.MAILDROP}/."  # another local user: the drop-off directory
         except OSError as e:
             raise EnqueueError(f"spool {spool}: cannot write: {e.strerror}") from None
+        if os.geteuid() == 0 and where == f"{spool}/{layout.TMP}/":
+            _give_to_owner(fd, where, tmp)
+        return qid, fd, tmp
     raise EnqueueError("cannot find a free queue id")
+
+
+def _give_to_owner(fd: int, directory: str, path: str) -> None:
+    """Root's file in tmp/ becomes the spool owner's (cron's mail to root): a daemon running as
+    its own user must read it, and a file mode 0600 of root's it could not."""
+    try:
+        st = os.stat(directory)
+        if st.st_uid != 0:
+            os.fchown(fd, st.st_uid, st.st_gid)
+    except OSError as e:
+        os.close(fd)
+        _unlink_quietly(path)
+        raise EnqueueError(f"spool {directory}: cannot write: {e.strerror}") from None
 
 
 def _other_user(spool: str) -> bool:

@@ -220,6 +220,28 @@ def test_admin_takes_the_mail_of_local_names_without_an_alias(shared: Path, rela
 # -- another local user ---------------------------------------------------------------------------
 
 
+def test_roots_mail_into_a_spool_of_the_daemons_own_user_is_that_users(shared: Path, relay: Relay) -> None:
+    """The packaged set-up: the daemon runs as its own user (here nobody) and owns the spool;
+    cron's mail to root, written by root, must be a file that daemon can read and send."""
+    cfg = config(shared, relay)
+    (shared / "aliases").write_text("")
+    spool, nobody = shared / "spool", pwd.getpwnam("nobody")
+    spool.mkdir(0o711)
+    os.chown(spool, nobody.pw_uid, nobody.pw_gid)  # as the package's postinst makes it
+    made = as_nobody("queue", "list", "--config", str(cfg))  # and its subdirectories, as that user
+    assert made.returncode == 0, made.stderr
+    r = sendmail(cfg, "-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root", stdin=CRON_MESSAGE)
+    assert r.returncode == 0, r
+    [name] = os.listdir(spool / "outgoing")
+    st = os.stat(spool / "outgoing" / name)
+    assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid) and st.st_mode & 0o077 == 0
+    assert os.listdir(spool / "tmp") == []
+    d = as_nobody("run", "--once", "--config", str(cfg))
+    assert d.returncode == 0, d.stderr
+    [m] = delivered(relay, 1)
+    assert m.rcpt_tos == [f"root@{ORIGIN}"] and os.listdir(spool / "corrupt") == []
+
+
 def test_a_message_from_nobody_is_delivered_with_its_uid_and_nobody_cannot_touch_the_queue(
     shared: Path, relay: Relay
 ) -> None:
