@@ -322,6 +322,7 @@ def _create_tmp(spool: str) -> tuple[str, int, str]:
             if where != f"{spool}/{layout.TMP}/" or not _other_user(spool):
                 raise EnqueueError(f"spool {spool}: cannot write: {e.strerror}") from None
             where = f"{spool}/{layout.MAILDROP}/."  # another local user: the drop-off directory
+            continue
         except OSError as e:
             raise EnqueueError(f"spool {spool}: cannot write: {e.strerror}") from None
         if os.geteuid() == 0 and where == f"{spool}/{layout.TMP}/":
