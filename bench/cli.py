@@ -17,7 +17,7 @@ from typing import IO
 from bench import targets
 from bench.base import BENCH, GREENMAIL, PKG, REPO, WORK, BenchError, log
 from bench.baseline import run_baseline
-from bench.code import snapshot_dir, snapshot_greenmail
+from bench.code import export_revision, snapshot_dir, snapshot_greenmail
 from bench.drain import wl_drain
 from bench.fill import fill_main, submit_main
 from bench.listener import wl_listener
@@ -122,6 +122,8 @@ def main(argv: list[str], doc: str) -> int:
     code = "" if args.no_snapshot else snapshot_greenmail(out.name, reuse=bool(args.resume))
     if getattr(args, "baseline", None):
         code += f"{'; ' if code else ''}baseline revision {args.baseline} (greenmail/ exported, see the rows)"
+        if args.tree:
+            code += f"; the row greenmail is revision {args.tree}, exported likewise"
     write_env(out, argv, code, resumed=bool(args.resume))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     log(f"results in {out}")
@@ -156,6 +158,8 @@ def run_command(args: argparse.Namespace, ctx: Ctx, res: Results) -> None:
     c = args.cmd
     if c == "drain" and args.baseline:
         new_code = REPO if args.no_snapshot else snapshot_dir(ctx.out.name)
+        if args.tree:  # one revision against another (e.g. a change alone, before later features)
+            new_code = export_revision(args.tree)[0]
         run_baseline(ctx, res, args.baseline, new_code, args.n or [10000], args.conns or [10], args.runs)
     elif c == "drain":
         ns, conns = args.n or [10000, 100000], args.conns or [10, 100]

@@ -66,6 +66,11 @@ def parser(doc: str) -> argparse.ArgumentParser:
         help="instead of --peers: this tree's greenmail and REV's (a git revision), "
         "interleaved, and the ratio of their rates",
     )
+    p.add_argument(
+        "--tree",
+        metavar="REV",
+        help="with --baseline: REV's greenmail (exported like the baseline) in place of this tree's",
+    )
     p = sub.add_parser("slow", help="slow relay: smtp-sink -w DELAY, many connections")
     _common(p, 3)
     p.add_argument("--n", type=ints, default=[10000])
