@@ -290,11 +290,12 @@ def test_every_alert_rule_evaluates_without_error(prometheus: pt.Prometheus) -> 
         return rules if rules and all(r.get("lastEvaluation", "").startswith("2") for r in rules) else None
 
     rules = support.wait_until(evaluated, timeout=SCRAPE_TIMEOUT, interval=0.25, what="rules evaluated")
-    assert len(rules) == 8
+    assert len(rules) == 10
     for r in rules:
         assert r["health"] == "ok", (r["name"], r.get("lastError"))
         assert r["duration"] > 0 and r["labels"]["severity"] in ("warning", "critical"), r["name"]
         assert r["annotations"]["summary"] and r["annotations"]["description"], r["name"]
+        assert r["annotations"]["runbook_url"] == f"docs/runbook.md#{r['name'].lower()}", r["name"]
         prometheus.query(r["query"])  # and as an instant query
 
 
