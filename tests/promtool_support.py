@@ -167,10 +167,17 @@ def _variable_query(v: dict[str, Any]) -> str:
     return q["query"] if isinstance(q, dict) else q
 
 
-def substitute(expr: str, job: str = "greenmail", instance: str = ".*") -> str:
-    """Grafana's variables replaced as a dashboard with one job would ($instance is a regex:
-    an address's dots match themselves)."""
-    return expr.replace("$__rate_interval", RATE_INTERVAL).replace("$job", job).replace("$instance", instance)
+# What Grafana puts for a multi-value variable set to "All": the variables' allValue.
+ALL = ".+"
+
+
+def substitute(expr: str, job: str = ALL, instance: str = ALL) -> str:
+    """Grafana's variables replaced as the dashboard would: by default "All" (the allValue
+    ``.+``), or one job and one instance (they sit in =~ matchers, so they are regexes; an
+    address's dots match themselves)."""
+    for name, value in (("$__rate_interval", RATE_INTERVAL), ("$job", job), ("$instance", instance)):
+        expr = expr.replace(name, value)
+    return expr
 
 
 def check_exprs_parse(exprs: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:

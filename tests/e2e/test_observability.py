@@ -255,15 +255,22 @@ def test_http_routes(stack: Stack) -> None:
 # -- a real Prometheus ----------------------------------------------------------------------
 
 
-def test_every_dashboard_query_returns_data(stack: Stack, prometheus: pt.Prometheus) -> None:
+@pytest.mark.parametrize("selection", ["all", "one"])
+def test_every_dashboard_query_returns_data(stack: Stack, prometheus: pt.Prometheus, selection: str) -> None:
+    """Every query, with the job and instance variables at "All" (.+) and at this daemon."""
     instance = f"127.0.0.1:{stack.metrics_port}"
+    chosen = (
+        {"job": pt.ALL, "instance": pt.ALL}
+        if selection == "all"
+        else {"job": "greenmail", "instance": instance}
+    )
     support.wait_until(lambda: prometheus.query('up{job="greenmail"} == 1'), SCRAPE_TIMEOUT, what="a scrape")
     for title, expr in pt.dashboard_queries():
         if title.startswith("variable "):
-            found = prometheus.series(pt.substitute(expr, instance=instance))
+            found = prometheus.series(pt.substitute(expr, **chosen))
             assert found and {s["instance"] for s in found} == {instance}, title
             continue
-        query = pt.substitute(expr, instance=instance)
+        query = pt.substitute(expr, **chosen)
 
         def answered(q: str = query) -> list:
             return prometheus.query(q)
@@ -283,11 +290,12 @@ def test_every_alert_rule_evaluates_without_error(prometheus: pt.Prometheus) -> 
         return rules if rules and all(r.get("lastEvaluation", "").startswith("2") for r in rules) else None
 
     rules = support.wait_until(evaluated, timeout=SCRAPE_TIMEOUT, interval=0.25, what="rules evaluated")
-    assert len(rules) == 8
+    assert len(rules) == 10
     for r in rules:
         assert r["health"] == "ok", (r["name"], r.get("lastError"))
         assert r["duration"] > 0 and r["labels"]["severity"] in ("warning", "critical"), r["name"]
         assert r["annotations"]["summary"] and r["annotations"]["description"], r["name"]
+        assert r["annotations"]["runbook_url"] == f"docs/runbook.md#{r['name'].lower()}", r["name"]
         prometheus.query(r["query"])  # and as an instant query
 
 
