@@ -4,12 +4,14 @@ Owns: the content of a recipient's delivery line (to=, relay=, delay=, delays=a/
 dsn=, status=) with its timing, the queue-entry line (from=, size=, nrcpt=) and a local
 pickup's line (uid=, from=); each as (text, JSON fields). The logger a caller logs
 them on gives the service tag (logfmt.SERVICES: greenmail.session is smtp, ...).
+Also: ``emit``, the cheap way to log such a line (several per message on the delivery path).
 Must not touch: logging set-up, sockets, the spool. Imports nothing of greenmail.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any
 
@@ -94,3 +96,27 @@ def pickup(qid: str, uid: int, sender: str) -> tuple[str, dict[str, Any]]:
     """A local submission's line (log it on greenmail.pickup): pflogsumm counts it as received."""
     line = f"{qid}: uid={uid} from=<{sender}>"
     return line, {"event": "pickup", "queue_id": qid, "uid": uid, "from": sender}
+
+
+# Every attribute a LogRecord has, as a Formatter's "%(name)s" finds them: in the instance's __dict__.
+_RECORD = vars(logging.LogRecord("", logging.INFO, "", 0, "", None, None)) | dict.fromkeys(
+    ("thread", "threadName", "process", "processName")  # not asked for (logfmt.setup): not known
+)
+
+
+class _Line(logging.LogRecord):
+    """An INFO record of a finished line, its attributes copied from a template (LogRecord's own
+    constructor asks for a source file, thread and process, which nothing shows)."""
+
+    def __init__(self, name: str, line: str, fields: dict[str, Any]) -> None:
+        self.__dict__.update(_RECORD)
+        self.name, self.msg, self.fields = name, line, fields
+        self.created = now = time.time()
+        self.msecs = (now - int(now)) * 1000
+
+
+def emit(logger: logging.Logger, line: str, fields: dict[str, Any]) -> None:
+    """``logger.info(line, extra={"fields": fields})`` at about half the cost: the record goes
+    through ``Logger.handle`` (levels, filters, every handler, as usual), without being %-formatted."""
+    if logger.isEnabledFor(logging.INFO):
+        logger.handle(_Line(logger.name, line, fields))

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from greenmail import bounce
+from greenmail import bounce, maillog
 from greenmail.config import RetryConfig
 from greenmail.layout import HOST
 from greenmail.metrics import Metrics
@@ -112,7 +112,7 @@ class Outbox:
         next_at = math.ceil(self.clock() + self.jittered(claim.attempts + 1)) if pending else 0  # never early
         result = self.queue.settle(claim, next_at)
         if result == "delivered":
-            log.info("%s: removed", claim.id, extra={"fields": {"event": "removed", "queue_id": claim.id}})
+            maillog.emit(log, f"{claim.id}: removed", {"event": "removed", "queue_id": claim.id})
         elif result == "deferred":
             self.metrics.count("requeue", attempt.reason)
         self.metrics.count("attempt", result)

@@ -373,4 +373,4 @@ class Session:
         line, fields = maillog.delivery(
             claim.id, rcpt, self.relay, timing, (dsn, status, reply), claim.attempts + 1
         )
-        log.info(line, extra={"fields": fields})  # no arguments: the line is not %-formatted again
+        maillog.emit(log, line, fields)

@@ -210,7 +210,7 @@ class Spool:
         if not entry.attempts and not state.recipients:  # entering the queue: the first attempt
             uid = state.uid if state.uid is not None else st.st_uid
             line, fields = maillog.queue_entry(entry.id, env.sender, size, len(env.recipients), uid)
-            qlog.info("%s", line, extra={"fields": fields})
+            maillog.emit(qlog, line, fields)
         return _claim(entry, path, env, state, size, queued_at, eight_bit, body, has_meta)
 
     def read_state(self, qid: str) -> State:
