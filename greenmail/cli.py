@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from greenmail import __version__
 from greenmail.exits import (
@@ -32,15 +33,16 @@ if TYPE_CHECKING:
 
 
 def _inherited(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A subcommand's --config, else the one given before it (greenmail --config F queue list)."""
-    if value is not None:
+    """A subcommand's --config, else the one given before it (greenmail --config F queue list),
+    else $GREENMAIL_CONFIG: an option on the command line wins over the environment wherever it is."""
+    if value is not None and ctx.get_parameter_source(param.name or "") is not ParameterSource.ENVIRONMENT:
         return value
     parent = ctx.parent
     while parent is not None:
         if parent.params.get("config_path"):
             return parent.params["config_path"]
         parent = parent.parent
-    return None
+    return value
 
 
 config_option = click.option(

@@ -524,6 +524,17 @@ def test_config_option_wins_over_the_environment_variable(tmp_path: Path) -> Non
     assert support.spool_files(tmp_path / "good" / "spool", "outgoing") == [r.stdout.decode().strip()]
 
 
+@pytest.mark.parametrize("args", [["queue", "list", "--json"], ["config", "check"]])
+def test_config_before_the_command_beats_the_environment(tmp_path: Path, args: list[str]) -> None:
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "good").mkdir()
+    bad = support.write_config(tmp_path / "bad", 2525, relay={"port": 99999})
+    good = support.write_config(tmp_path / "good", 2525)
+    r = run_with_env(["--config", str(good), *args], bad)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "bad" / "spool").exists()
+
+
 def test_relative_spool_path_resolves_against_the_config_directory(tmp_path: Path) -> None:
     conf_dir = tmp_path / "etc"
     conf_dir.mkdir()
