@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from greenmail.exits import EX_CONFIG, EX_DATAERR, EX_TEMPFAIL, EX_USAGE, fail, load_config, open_queue
+from greenmail.exits import EX_CONFIG, EX_DATAERR, EX_TEMPFAIL, fail, load_config, open_queue
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -23,12 +23,12 @@ def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -
     from greenmail.errors import AddressError, ConfigError, EnqueueError
 
     if not sender:  # the null sender is written '<>'; an empty --from is a mistake
-        fail("invalid address: empty address (use '<>' for the null sender)", EX_USAGE)
+        fail("invalid address: empty address (use '<>' for the null sender)", EX_DATAERR)
     queue = _fast_queue(config_path) or open_queue(load_config(config_path), EX_TEMPFAIL)
     try:
         qid = queue.enqueue(sender, recipients, sys.stdin.buffer)
     except AddressError as e:
-        fail(f"invalid address: {e}", EX_USAGE)
+        fail(f"invalid address: {e}", EX_DATAERR)
     except ConfigError as e:  # the aliases file, read on the first local recipient
         fail(f"configuration error: {e}", EX_CONFIG)
     except EnqueueError as e:

@@ -239,6 +239,7 @@ BAD_ADDRESSES = [
 def test_enqueue_rejects_invalid_sender(cfg: Path, addr: str) -> None:
     r = run_enqueue(cfg, PLAIN, addr)
     error_line(r)
+    assert r.returncode == 65, r  # EX_DATAERR, as sendmail (contract section 7)
     assert r.stdout == b""
     assert_nothing_spooled(spool_of(cfg))
 
@@ -247,6 +248,7 @@ def test_enqueue_rejects_invalid_sender(cfg: Path, addr: str) -> None:
 def test_enqueue_rejects_invalid_recipient(cfg: Path, addr: str) -> None:
     r = run_enqueue(cfg, PLAIN, SENDER, addr)
     error_line(r)
+    assert r.returncode == 65, r  # EX_DATAERR, as sendmail (contract section 7)
     assert r.stdout == b""
     assert_nothing_spooled(spool_of(cfg))
 
