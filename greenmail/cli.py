@@ -126,8 +126,13 @@ def user_group() -> None:
 
 @user_group.command("add")
 @click.argument("name")
-@click.option("--users-file", required=True, type=click.Path(dir_okay=False), help="the file to write")
-def user_add(name: str, users_file: str) -> None:
+@click.option(
+    "--users-file",
+    type=click.Path(dir_okay=False),
+    help="the file to write (default: listener.users_file of the configuration)",
+)
+@config_option
+def user_add(name: str, users_file: str | None, config_path: str | None) -> None:
     """Add NAME (or change its password) with the password read from the first line of stdin.
 
     The file is replaced atomically, mode 0600; other users' lines are kept.
@@ -137,6 +142,11 @@ def user_add(name: str, users_file: str) -> None:
     from greenmail import users
     from greenmail.errors import ConfigError
 
+    if users_file is None:
+        configured = load_config(config_path).listener.users_file
+        if configured is None:
+            fail("user add: give --users-file, or set listener.users_file in the configuration", EX_USAGE)
+        users_file = str(configured)
     password = sys.stdin.readline().rstrip("\r\n")
     if not password:
         fail("user add: no password on stdin", EX_USAGE)

@@ -586,6 +586,9 @@ def test_unusable_spool_for_run_is_a_clear_error(tmp_path: Path) -> None:
         ["queue", "delete"],
         ["queue", "retry"],
         ["sink"],
+        ["user", "add"],
+        ["config", "check"],
+        ["relay", "test"],
     ],
 )
 def test_every_subcommand_takes_config(command: list[str]) -> None:
@@ -594,6 +597,17 @@ def test_every_subcommand_takes_config(command: list[str]) -> None:
     assert r.returncode == 0, r.stderr
     assert b"Usage:" in r.stdout
     assert b"--config" in r.stdout, r.stdout.decode()
+
+
+def test_user_add_writes_the_configured_users_file(tmp_path: Path) -> None:
+    cfg = support.write_config(tmp_path, 2525, listener={"users_file": "users"})
+    r = support.greenmail("user", "add", "app", stdin=b"pw\n", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "users").read_text().startswith("app:")
+    (tmp_path / "bare").mkdir()
+    bare = support.write_config(tmp_path / "bare", 2525)
+    r = support.greenmail("user", "add", "app", stdin=b"pw\n", config=bare)
+    assert r.returncode == 64 and b"listener.users_file" in r.stderr, r
 
 
 # -- run --once with corrupt queue files ----------------------------------------------------------
