@@ -125,7 +125,7 @@ def bare_counters(expr: str, counters: set[str]) -> list[str]:
         rest = s[m.end() :]
         if rest.startswith("{"):
             rest = rest[rest.index("}") + 1 :]
-        if not rest.startswith("[$__rate_interval]") or _enclosing_function(s, m.start()) not in (
+        if not rest.startswith("[$__rate_interval]") or enclosing_function(s, m.start()) not in (
             "rate",
             "increase",
         ):
@@ -133,7 +133,8 @@ def bare_counters(expr: str, counters: set[str]) -> list[str]:
     return bad
 
 
-def _enclosing_function(s: str, pos: int) -> str:
+def enclosing_function(s: str, pos: int) -> str:
+    """The name of the function whose parentheses hold ``pos`` ("" when none do)."""
     depth = 0
     for i in range(pos - 1, -1, -1):
         if s[i] == ")":

@@ -122,27 +122,13 @@ def selectors(expr: str) -> list[tuple[str, list[Matcher]]]:
     return out
 
 
-def _enclosing_call(s: str, pos: int) -> str:
-    """The name of the function whose parentheses hold ``pos`` ("" when none do)."""
-    depth = 0
-    for i in range(pos - 1, -1, -1):
-        if s[i] == ")":
-            depth += 1
-        elif s[i] == "(":
-            if depth == 0:
-                m = re.search(r"([A-Za-z_]\w*)\s*$", s[:i])
-                return m.group(1) if m else ""
-            depth -= 1
-    return ""
-
-
 def range_functions(expr: str) -> list[tuple[str, str]]:
     """(enclosing function, range) of every range selector ``[...]`` (subqueries left out)."""
     s = _scannable(expr)
     out = []
     for m in re.finditer(r"\[([^\]]*)\]", s):
         if ":" not in m.group(1):
-            out.append((_enclosing_call(s, m.start()), m.group(1).strip()))
+            out.append((pt.enclosing_function(s, m.start()), m.group(1).strip()))
     return out
 
 
