@@ -1,7 +1,7 @@
 """Which queue backend a configuration names, opened for the commands or for the daemon.
 
-Owns: choosing and building the queue implementation (today the maildir
-spool; a shared PostgreSQL queue is planned) behind the interfaces of
+Owns: choosing and building the queue implementation (the maildir
+spool, or PostgreSQL shared by several nodes) behind the interfaces of
 queue.py, so that the CLI and the daemon never name a backend's module.
 Must not touch: what the backends do.
 """
@@ -17,6 +17,10 @@ from greenmail.queue import DeliveryQueue, QueueAdmin
 
 def admin_queue(cfg: Config) -> QueueAdmin:
     """The queue for enqueue and the operator's commands, created where missing (else SpoolError)."""
+    if cfg.queue.backend == "postgresql":
+        from greenmail.pgadmin import PgAdmin
+
+        return PgAdmin(cfg.queue.dsn or "", cfg.queue.password_file, rewriter(cfg))
     from greenmail.spool import Spool
 
     spool = Spool(cfg.spool.path, rewriter=rewriter(cfg))
@@ -26,6 +30,11 @@ def admin_queue(cfg: Config) -> QueueAdmin:
 
 def delivery_queue(cfg: Config, offload: Any, worker: tuple[int, int]) -> DeliveryQueue:
     """The queue as one delivery process of the daemon sees it."""
+    if cfg.queue.backend == "postgresql":
+        from greenmail.pgqueue import PgQueue
+
+        q = cfg.queue
+        return PgQueue(q.dsn or "", q.password_file, q.lease, worker, node=q.node, connections=10)
     from greenmail.spool import Spool
     from greenmail.spoolqueue import SpoolQueue
 

@@ -279,14 +279,30 @@ def queue() -> None:
 
 
 def _queue_call(config_path: str | None, fn: Callable[..., Any], *args: Any) -> Any:
-    from greenmail.errors import MessageBusy, NotFound
+    from greenmail.errors import ConfigError, MessageBusy, NotFound, QueueUnavailable
 
     try:
         return fn(open_queue(load_config(config_path)), *args)
     except NotFound as e:
         fail(str(e), EX_DATAERR)
-    except MessageBusy as e:
+    except (MessageBusy, QueueUnavailable) as e:
         fail(str(e), EX_TEMPFAIL)
+    except ConfigError as e:  # the shared queue's schema missing or of another version
+        fail(f"configuration error: {e}", EX_CONFIG)
+
+
+@queue.command("init")
+@config_option
+def queue_init(config_path: str | None) -> None:
+    """Create or migrate the shared queue's schema in PostgreSQL (idempotent)."""
+    cfg = load_config(config_path)
+    if cfg.queue.backend != "postgresql":
+        fail(f'queue init: queue.backend is "{cfg.queue.backend}"; the spool needs no init', EX_USAGE)
+    before, after = _queue_call(config_path, lambda q: q.init())
+    if before == after:
+        click.echo(f"schema version {after}: up to date")
+    else:
+        click.echo(f"schema version {after} (was {before or 'none'})")
 
 
 @queue.command("list")
@@ -418,7 +434,7 @@ def sink(listen: str, maildir: str, config_path: str | None) -> None:
 def sendmail(ctx: click.Context, argv: tuple[str, ...]) -> None:
     """The /usr/sbin/sendmail interface (-t -f -F -i -bp -q; recipients as arguments)."""
     from greenmail import sendmail as sm
-    from greenmail.errors import AddressError, ConfigError, EnqueueError
+    from greenmail.errors import AddressError, ConfigError, EnqueueError, QueueUnavailable
     from greenmail.submit import is_tempfail
 
     try:
@@ -461,6 +477,8 @@ def sendmail(ctx: click.Context, argv: tuple[str, ...]) -> None:
         fail(f"sendmail: configuration error: {e}", EX_CONFIG)
     except EnqueueError as e:
         fail(f"sendmail: {e}", EX_TEMPFAIL if is_tempfail(e) else EX_DATAERR)
+    except QueueUnavailable as e:
+        fail(f"sendmail: {e}", EX_TEMPFAIL)
 
 
 def _sendmail_check(opts: Any, rewriter: Any) -> None:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     Check = Callable[[Any], str | None]  # returns a complaint, or None when fine
 
 TLS_MODES = ("starttls", "opportunistic", "implicit", "none")
+BACKENDS = ("spool", "postgresql")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
 SPOOL_PATH = "var/spool"  # relative to the configuration file's directory
 MIN_BACKOFF, MAX_BACKOFF = 300, 4000  # the retry defaults, checked against each other
@@ -195,6 +196,13 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "users_file": _optional_path,
     },
     "addresses": {"origin": _domain, "aliases": _path, "admin": _mailbox, "hostname": _domain},
+    "queue": {
+        "backend": _choice(BACKENDS),
+        "dsn": _text,
+        "password_file": _optional_path,
+        "lease": _positive_duration,
+        "node": _domain,
+    },
 }
 
 
@@ -225,6 +233,11 @@ def validate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if lo > hi:
         raise ConfigError(f"retry.max_backoff: must be >= retry.min_backoff ({lo}), got {hi}")
     _check_relay(out.get("relay", {}))
+    queue = out.get("queue", {})
+    if queue.get("backend") == "postgresql" and not queue.get("dsn"):
+        raise ConfigError('queue.dsn: needed with queue.backend = "postgresql" (a libpq connection string)')
+    if queue.get("lease", 900) < 10:
+        raise ConfigError(f"queue.lease: at least 10 seconds, got {queue['lease']}")
     delivery = out.get("delivery", {})
     procs, conns = delivery.get("processes", 1), delivery.get("max_connections", MAX_CONNECTIONS)
     if procs > conns:

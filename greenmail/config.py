@@ -187,6 +187,17 @@ class AddressesConfig:
 
 
 @dataclass(frozen=True)
+class QueueConfig:
+    """[queue]: which backend holds the queue (the spool, or PostgreSQL shared by several nodes)."""
+
+    backend: str = "spool"
+    dsn: str | None = None  # libpq connection string (backend = "postgresql")
+    password_file: Path | None = None  # its first line is the password, read at start-up
+    lease: float = 900  # seconds a node's claim lasts without a heartbeat
+    node: str | None = None  # this daemon's name in the shared queue; None: the host's name
+
+
+@dataclass(frozen=True)
 class Config:
     spool: SpoolConfig
     relay: RelayConfig
@@ -197,6 +208,7 @@ class Config:
     source: Path | None = None
     addresses: AddressesConfig = AddressesConfig()
     listener: ListenerConfig = ListenerConfig()
+    queue: QueueConfig = QueueConfig()
 
 
 def find(path: str | os.PathLike[str] | None) -> Path:
@@ -235,6 +247,7 @@ def submission_settings(cfg: Config) -> dict[str, Any]:
 
     rw = Rewriter(**cfg.addresses.settings())
     return {
+        "backend": cfg.queue.backend,
         "spool": str(cfg.spool.path),
         "addresses": {**cfg.addresses.settings(), "origin": rw.origin, "hostname": rw.hostname},
     }
@@ -262,7 +275,17 @@ def from_dict(raw: dict[str, Any], base: Path, source: Path | None = None) -> Co
         source=source,
         addresses=_addresses(sections.get("addresses", {}), base),
         listener=_listener(sections.get("listener", {}), base),
+        queue=_queue(sections.get("queue", {}), base),
     )
+
+
+def _queue(values: dict[str, Any], base: Path) -> QueueConfig:
+    v = dict(values)
+    if v.get("password_file"):
+        v["password_file"] = _under(base, v["password_file"])
+    else:
+        v.pop("password_file", None)
+    return QueueConfig(**v)
 
 
 def _listener(values: dict[str, Any], base: Path) -> ListenerConfig:

@@ -60,7 +60,7 @@ def _starts_with_header(head: bytes) -> bool:
     return colon > 0 and not head[:colon].translate(None, _HEADER_NAME)
 
 
-def _header_end(head: bytes) -> int:
+def header_end(head: bytes) -> int:
     """Where the first blank line (after LF or CRLF) is; -1 when none. A CR before it stays in the block."""
     ends = [i for i in (head.find(b"\n\n"), head.find(b"\n\r\n")) if i >= 0]
     return min(ends) if ends else -1
@@ -79,7 +79,7 @@ def added_headers(head: bytes, qid: str, hostname: str = layout.HOST, sender: st
     eol = b"\r\n" if head.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
     has_header = _starts_with_header(head)
     if has_header:
-        end = _header_end(head)
+        end = header_end(head)
         block = (b"\n" + (head[:end] if end >= 0 else head)).lower()
     else:
         block = b""  # no header section: whatever looks like one is body
@@ -96,6 +96,75 @@ def added_headers(head: bytes, qid: str, hostname: str = layout.HOST, sender: st
     if not has_header and not head.startswith((b"\n", b"\r\n")):
         out += eol  # the message starts with body text: keep it apart from the headers
     return out
+
+
+# -- what every writer of a new message shares ---------------------------------------------
+
+
+class Envelope:
+    """A submission's checked envelope: addresses rewritten (``rewriter``: a submission; None: the
+    queue's own mail and the backend used directly, as given), each recipient once; AddressError,
+    EnqueueError for none."""
+
+    def __init__(self, sender: str, recipients: Sequence[str], rewriter: Rewriter | None) -> None:
+        if rewriter is not None:  # a submission: addresses rewritten, From: added where missing
+            self.hostname: str = rewriter.hostname
+            sender, recipients = rewriter.sender(sender), rewriter.recipients(recipients)
+        else:
+            self.hostname = layout.HOST
+        self.add_from = rewriter is not None
+        self.sender = address.check(sender, null_ok=True)
+        self.recipients = list(dict.fromkeys(address.check(r) for r in recipients))  # each address once
+        if not self.recipients:
+            raise EnqueueError("no recipients")
+
+
+class Head:
+    """A new message fed in chunks to ``out``: the first ones are held until the header block is
+    seen, then written after ``prefix`` with the header fields added where missing."""
+
+    def __init__(self, out: BinaryIO, prefix: bytes, qid: str, env: Envelope) -> None:
+        self.out = out
+        self.prefix = prefix
+        self.qid = qid
+        self.env = env
+        self._head: list[bytes] | None = []
+        self._held = 0
+        self.size = 0
+        self.eight_bit = False
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.size += len(data)
+        self.eight_bit = self.eight_bit or not data.isascii()
+        if self._head is None:
+            self.out.write(data)
+            return
+        self._head.append(data)
+        self._held += len(data)
+        if (
+            self._held >= HEAD
+            or b"\n\n" in data
+            or b"\n\r\n" in data
+            or header_end(b"".join(self._head)) >= 0
+        ):
+            self._start()
+
+    def _start(self) -> None:
+        assert self._head is not None
+        head = b"".join(self._head)
+        self._head = None
+        env = self.env
+        added = added_headers(head[:HEAD], self.qid, env.hostname, env.sender if env.add_from else None)
+        self.out.write(self.prefix + added + head)
+
+    def finish(self) -> None:
+        """Write what is held; EnqueueError for an empty message."""
+        if self._head is not None:
+            if not self._held:
+                raise EnqueueError("empty message")
+            self._start()
 
 
 # -- the durable write ----------------------------------------------------------------
@@ -121,59 +190,30 @@ class Incoming:
         rewriter: Rewriter | None = None,
     ) -> None:
         self.spool = spool
-        if rewriter is not None:  # a submission: addresses rewritten, From: added where missing
-            self.hostname: str = rewriter.hostname
-            sender, recipients = rewriter.sender(sender), rewriter.recipients(recipients)
-        else:  # the queue's own mail (notifications) and the backend used directly: as given
-            self.hostname = layout.HOST
-        self._from = rewriter is not None
-        self.sender = address.check(sender, null_ok=True)
-        self.recipients = list(dict.fromkeys(address.check(r) for r in recipients))  # each address once
-        if not self.recipients:
-            raise EnqueueError("no recipients")
+        env = Envelope(sender, recipients, rewriter)
+        self.sender, self.recipients, self.hostname = env.sender, env.recipients, env.hostname
         envelope = envelope_lines(self.sender, self.recipients)
         self.id, fd, self._tmp = _create_tmp(spool)
         self.maildrop = self._tmp.startswith(f"{spool}/{layout.MAILDROP}/")
         self._file = os.fdopen(fd, "wb")
-        self._head: list[bytes] | None = []  # chunks held until the header block is seen
-        self._held = 0
-        self._prefix = envelope + (trace(self.id) if trace is not None else b"")
-        self.size = 0
-        self.eight_bit = False
+        self._body = Head(self._file, envelope + (trace(self.id) if trace is not None else b""), self.id, env)
+
+    @property
+    def size(self) -> int:
+        return self._body.size
+
+    @property
+    def eight_bit(self) -> bool:
+        return self._body.eight_bit
 
     def write(self, data: bytes) -> None:
-        if not data:
-            return
-        self.size += len(data)
-        if self.maildrop and self.size > layout.MAX_MAILDROP:
+        if self.maildrop and self.size + len(data) > layout.MAX_MAILDROP:
             raise EnqueueError(f"message too big: at most {layout.MAX_MAILDROP} bytes from a local user")
-        self.eight_bit = self.eight_bit or not data.isascii()
-        if self._head is None:
-            self._file.write(data)
-            return
-        self._head.append(data)
-        self._held += len(data)
-        if (
-            self._held >= HEAD
-            or b"\n\n" in data
-            or b"\n\r\n" in data
-            or _header_end(b"".join(self._head)) >= 0
-        ):
-            self._start()
-
-    def _start(self) -> None:
-        assert self._head is not None
-        head = b"".join(self._head)
-        self._head = None
-        added = added_headers(head[:HEAD], self.id, self.hostname, self.sender if self._from else None)
-        self._file.write(self._prefix + added + head)
+        self._body.write(data)
 
     def sync(self) -> None:
         """Write what is held and fsync the file; EnqueueError for an empty message."""
-        if self._head is not None:
-            if not self._held:
-                raise EnqueueError("empty message")
-            self._start()
+        self._body.finish()
         self._file.flush()
         if self.maildrop:
             os.fchmod(self._file.fileno(), layout.MAILDROP_FILE_MODE)

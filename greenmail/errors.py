@@ -27,6 +27,14 @@ class SpoolError(GreenmailError):
     """A spool operation failed."""
 
 
+class QueueUnavailable(SpoolError):
+    """The shared queue's database cannot be reached now (try again later; nothing was lost)."""
+
+
+class LeaseLost(SpoolError):
+    """This node's claim on a message expired or was taken over: it must not go on sending it."""
+
+
 class CorruptQueueFile(SpoolError):
     """A file in outgoing/ is not a valid queue file."""
 

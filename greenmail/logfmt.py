@@ -401,7 +401,17 @@ def redact(values: Mapping[str, Any]) -> dict[str, Any]:
         reference = key.endswith(("_file", "_env"))
         secret = any(w in key.lower() for w in SECRET_WORDS) and not reference
         out[key] = "***" if secret and value else value
+        if key.endswith("dsn") and isinstance(value, str):
+            out[key] = redact_dsn(value)
     return out
+
+
+def redact_dsn(dsn: str) -> str:
+    """A libpq connection string with its password hidden (URI or key=value form)."""
+    import re
+
+    dsn = re.sub(r"^([a-z]+://[^:/@?]*:)[^/?]*@", r"\1***@", dsn)
+    return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", r"\1***", dsn)
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -94,6 +94,10 @@ class Claim:
         """Whether the message is held in memory: opening and reading it never blocks."""
         return False
 
+    def keep(self) -> None:
+        """Raise LeaseLost when this claim may no longer be sent (a shared queue's lease not renewed in
+        time); the session asks just before the message's final dot. A spool's claim never expires."""
+
     def read_head(self, limit: int) -> bytes:
         """The first ``limit`` bytes of the message (for notifications); blocking I/O."""
         with self.open_body() as f:

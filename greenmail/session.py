@@ -26,7 +26,7 @@ from gevent import GreenletExit
 
 from greenmail import esmtp, maillog, wire
 from greenmail.connection import Connection, Transport
-from greenmail.errors import SmtpError
+from greenmail.errors import LeaseLost, SmtpError
 from greenmail.outbox import Attempt, Outbox
 from greenmail.protocol import Cmd, Phase, Rcpt, Transaction
 from greenmail.queue import Claim
@@ -140,6 +140,10 @@ class Session:
                 self._connection_failed(taken, e)
                 return False
             self.outbox.finish(claim, taken.attempt)
+        except LeaseLost as e:  # the message is no longer ours: the connection ends before its final dot
+            log.warning("%s; not sent (the connection is closed before the final dot)", e)
+            self._interrupted(taken, e)
+            return False
         except BaseException as e:
             self._interrupted(taken, e)
             raise
@@ -161,7 +165,9 @@ class Session:
         if isinstance(e, GreenletExit) and not taken.attempt.results:
             self.outbox.release(claim, "shutdown")
             return
-        if not isinstance(e, GreenletExit):
+        if isinstance(e, LeaseLost):
+            taken.attempt.error = str(e)
+        elif not isinstance(e, GreenletExit):
             log.error("%s: internal error, requeued: %r", claim.id, e)
             taken.attempt.error = f"internal error: {e!r}"
         taken.attempt.reason = "shutdown" if isinstance(e, GreenletExit) else "connection"
@@ -291,6 +297,7 @@ class Session:
                 nxt = read(f, CHUNK) if chunk else b""
                 out = stuffer.feed(chunk)
                 if not nxt:  # the last chunk goes with the final dot (and the next MAIL), in one write
+                    claim.keep()  # still ours to send (a shared queue's lease)
                     out += self.conn.push(Cmd.END, stuffer.finish(), txn)
                     txn.final_sent = True
                     out += self._ahead(txn)
@@ -321,6 +328,7 @@ class Session:
                         return  # the relay refused the message part-way
                 raw = nxt
             data += norm.finish()
+            claim.keep()  # still ours to send (a shared queue's lease)
             last = self.conn.push(Cmd.BDAT_LAST, f"BDAT {len(data)} LAST\r\n".encode() + data, txn)
             txn.final_sent = True
             self.conn.send(last + self._ahead(txn), "data", t)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -> None:
     """``greenmail enqueue``: one message from stdin into the queue; prints its queue id."""
-    from greenmail.errors import AddressError, ConfigError, EnqueueError
+    from greenmail.errors import AddressError, ConfigError, EnqueueError, QueueUnavailable
 
     if not sender:  # the null sender is written '<>'; an empty --from is a mistake
         fail("invalid address: empty address (use '<>' for the null sender)", EX_DATAERR)
@@ -33,6 +33,8 @@ def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -
         fail(f"configuration error: {e}", EX_CONFIG)
     except EnqueueError as e:
         fail(str(e), EX_TEMPFAIL if is_tempfail(e) else EX_DATAERR)
+    except QueueUnavailable as e:  # the shared queue's database: try again later
+        fail(str(e), EX_TEMPFAIL)
     sys.stdout.write(qid + "\n")
     sys.stdout.flush()
 
@@ -48,8 +50,8 @@ def _fast_queue(config_path: str | None) -> Dropoff | None:
 
     file = confcache.find(config_path)
     settings = confcache.read(file) if file else None
-    if settings is None:
-        return None
+    if settings is None or settings.get("backend", "spool") != "spool":
+        return None  # no cache, or the shared queue: the full configuration and its backend
     from greenmail.addresses import Rewriter
     from greenmail.dropoff import Dropoff
     from greenmail.errors import SpoolError

@@ -702,3 +702,26 @@ def test_delivery_line_keeps_a_reply_with_percent_signs_verbatim(
     assert len(lines) == 1
     assert lines[0].endswith("dsn=4.2.1, status=deferred (450 4.2.1 busy %s %(x)d 100%)")
     assert lines[0].startswith(f"{qid}: to=<")
+
+
+def test_a_claim_no_longer_ours_stops_before_the_final_dot(
+    h: Harness, server: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared queue's lease that could not be renewed in time (Claim.keep raises): the relay
+    never sees the final dot, the connection is closed without QUIT, the claim ends once."""
+    from greenmail.errors import LeaseLost
+    from greenmail.queue import Claim
+
+    qid = h.enqueue()
+
+    def lost(claim: Claim) -> None:
+        raise LeaseLost(f"{claim.id}: this node's lease could not be renewed in time")
+
+    monkeypatch.setattr(Claim, "keep", lost)
+    h.run()
+    assert server.messages == []
+    verbs = server.verbs()
+    assert "DATA" in verbs and "QUIT" not in verbs
+    directory, entry = h.where(qid)
+    assert directory == "outgoing" and entry.attempts == 1
+    assert "lease could not be renewed" in (h.state(qid).last_error or "")

@@ -343,6 +343,7 @@ def test_schema_names_exactly_the_config_fields() -> None:
         "metrics": config.MetricsConfig,
         "addresses": config.AddressesConfig,
         "listener": config.ListenerConfig,
+        "queue": config.QueueConfig,
     }
     assert set(confcheck.SCHEMA) == set(sections)
     for name, cls in sections.items():

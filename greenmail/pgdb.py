@@ -1,0 +1,86 @@
+"""Connections to PostgreSQL for the shared queue ([queue] backend = "postgresql").
+
+Owns: importing psycopg so that its waits cooperate with gevent in the daemon
+(gevent patches ``select`` before psycopg is first imported: psycopg picks its
+wait function at import, and its C wait would block the hub), the connection
+string with the password file, and the timeouts every connection carries
+(connecting, each statement, idle transactions, TCP keepalives).
+Must not touch: the schema, the queue's rows, SMTP.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from greenmail.errors import ConfigError, QueueUnavailable
+
+CONNECT_TIMEOUT = 10  # seconds for one connection attempt
+STATEMENT_TIMEOUT = 30_000  # milliseconds any one statement may run
+IDLE_IN_TRANSACTION = 60_000  # milliseconds a transaction may sit idle before the server ends it
+
+
+def psycopg(cooperative: bool) -> ModuleType:
+    """The psycopg module; ``cooperative``: its waits yield to gevent's hub (the daemon)."""
+    if cooperative and "psycopg" not in sys.modules:
+        from gevent import monkey
+
+        monkey.patch_select()
+    elif cooperative and not _waits_cooperate():
+        raise RuntimeError("psycopg was imported before gevent patched select: its waits would block")
+    try:
+        import psycopg as module
+    except ImportError:
+        raise ConfigError(
+            'queue.backend = "postgresql" needs psycopg 3: pip install "greenmail[postgresql]"'
+        ) from None
+    return module
+
+
+def _waits_cooperate() -> bool:
+    from gevent import monkey
+
+    return monkey.is_module_patched("select")
+
+
+def conninfo(dsn: str, password_file: Path | None, application: str) -> dict[str, Any]:
+    """The connection's keyword arguments: ``dsn`` plus the password file's first line and the timeouts."""
+    kwargs: dict[str, Any] = {
+        "conninfo": dsn,
+        "application_name": application,
+        "connect_timeout": CONNECT_TIMEOUT,
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "options": f"-c statement_timeout={STATEMENT_TIMEOUT}"
+        f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION}",
+    }
+    if password_file is not None:
+        try:
+            kwargs["password"] = (
+                password_file.read_text().splitlines()[0] if password_file.stat().st_size else ""
+            )
+        except (OSError, IndexError, UnicodeDecodeError) as e:
+            raise ConfigError(f"queue.password_file: cannot read {password_file}: {e}") from None
+    return kwargs
+
+
+def connect(
+    dsn: str, password_file: Path | None, application: str = "greenmail", cooperative: bool = False
+) -> Any:
+    """An autocommit connection (a transaction only where ``with conn.transaction()`` says);
+    QueueUnavailable when PostgreSQL cannot be reached (the message names why, never the password)."""
+    pg = psycopg(cooperative)
+    try:
+        return pg.connect(autocommit=True, **conninfo(dsn, password_file, application))
+    except pg.Error as e:
+        raise QueueUnavailable(f"PostgreSQL is unavailable: {first_line(e)}") from None
+
+
+def first_line(e: BaseException) -> str:
+    """An error's first line (psycopg's messages run over several)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

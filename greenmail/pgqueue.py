@@ -1,0 +1,457 @@
+"""The shared queue as one node's delivery queue (queue.DeliveryQueue on PostgreSQL).
+
+Owns: claims as leases (due messages taken in batches by one short
+transaction, ``FOR UPDATE SKIP LOCKED``, committed before any SMTP traffic),
+the heartbeat that renews this node's leases (a node that could not renew in
+time stops before the final dot: ``Claim.keep``), settlements fenced by the
+claim's lease token (a zero-row settlement is logged as a possible
+duplicate), returning expired leases of any node, the node's row (its name
+held by an advisory lock, so two daemons never share one), wake-ups by
+LISTEN/NOTIFY with polling as the safety net, and the gauges of the whole
+queue. Calls run on the hub: psycopg's waits yield to gevent (pgdb.py).
+Must not touch: SMTP, backoff and notifications (the outbox decides), files of the spool.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import gevent
+
+from greenmail import layout, maillog, pgschema
+from greenmail.errors import GreenmailError, LeaseLost, QueueUnavailable, SpoolError
+from greenmail.pgpool import Pool
+from greenmail.pgstore import MESSAGE_COLUMNS, PgIncoming, open_body, state_of
+from greenmail.queue import Claim
+
+log = logging.getLogger("greenmail.queue")
+BATCH = 32  # messages claimed in one round trip
+POLL = 1.0  # seconds between looks for due mail when no notification came
+COUNT_CAP = 10_000  # due messages counted at most (more than any node opens sessions for)
+IN_CLAIM = 32 * 1024  # messages up to this size come with their claim (one chunk)
+MARGIN = 0.2  # of a lease: a claim is given up this long before the lease would end
+RETRY = 1.0  # seconds between tries while PostgreSQL cannot be reached
+UNLEASE = "status = 'queued', lease_owner = NULL, lease_until = NULL, lease_token = NULL"  # claim returned
+
+
+@dataclass(eq=False, kw_only=True)
+class PgClaim(Claim):
+    token: int
+    queue: PgQueue
+    first: bytes | None = None  # the whole message, when small enough to come with the claim
+    next_at: float = 0.0
+
+    @property
+    def in_memory(self) -> bool:
+        """Reading never blocks the hub: short cooperative queries (or the bytes that came with the claim)."""
+        return True
+
+    def open_body(self) -> BinaryIO:
+        return open_body(self.queue.pool.connection, self.id, self.first)
+
+    def keep(self) -> None:
+        if not self.queue.leases_valid():
+            raise LeaseLost(f"{self.id}: this node's lease could not be renewed in time")
+
+
+@dataclass
+class Unsettled:
+    claim: PgClaim
+    sql: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+
+
+class PgQueue:
+    """The delivery side of the shared queue for one node (one delivery process)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        password_file: Path | None,
+        lease: float,
+        worker: tuple[int, int] = (0, 1),
+        node: str | None = None,
+        connections: int = 10,
+    ) -> None:
+        self.node = f"{node or layout.HOST}/{worker[0]}"  # one name per delivery process
+        self.lease = lease
+        self.worker = worker
+        self.pool = Pool(dsn, password_file, connections, f"greenmail {self.node}")
+        self.stopping = False
+        self._buffer: deque[PgClaim] = deque()  # claimed, not yet handed to a session
+        self._claims: dict[str, PgClaim] = {}  # ours: in the buffer or being delivered
+        self._unsettled: dict[str, Unsettled] = {}  # settlements to write once PostgreSQL answers again
+        self._due = 0  # due messages in the queue, as last counted
+        self._next_due: float | None = None
+        self._renewed = 0.0  # monotonic time of the last renewal of our leases (or of the claims)
+        self._control: Any = None  # holds the node's advisory lock; LISTENs
+        self._recovered = False  # the claims of this node's previous run went back
+        self._heartbeat: gevent.Greenlet | None = None
+        self._gauges: tuple[dict[str, int], float] = ({}, 0.0)
+        self.problem_text: str | None = None
+
+    where = property(lambda self: f"postgresql node={self.node}")
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def open(self) -> int:
+        """Check the schema, take the node's name, return the claims a previous run of it left.
+
+        PostgreSQL unreachable: the node starts anyway (unhealthy) and the watch connects later.
+        """
+        self._heartbeat = gevent.spawn(self._beat)
+        try:
+            return self._register(recover=True)
+        except QueueUnavailable as e:
+            self._trouble(e)
+            return 0
+
+    def _register(self, recover: bool) -> int:
+        """The control connection: the schema checked, the node's name locked, its row; with
+        ``recover``, the claims this node's previous run left go back to the queue."""
+        self._control = self.pool.open()
+        try:
+            pgschema.check(self._control)
+            self._lock_name()
+            with self.pool.connection() as conn, conn.transaction():
+                conn.execute(
+                    "INSERT INTO greenmail_nodes (name, started, seen) VALUES (%s, now(), now())"
+                    " ON CONFLICT (name) DO UPDATE SET seen = now(), outage_since = NULL, outage = NULL",
+                    (self.node,),
+                )
+                back = 0
+                if recover:
+                    back = conn.execute(
+                        f"UPDATE greenmail_messages SET {UNLEASE}"
+                        " WHERE status = 'active' AND lease_owner = %s",
+                        (self.node,),
+                    ).rowcount
+        except BaseException as e:
+            self._control.close()
+            self._control = None
+            if isinstance(e, self.pool.pg.OperationalError):
+                raise QueueUnavailable(f"PostgreSQL is unavailable: {e}") from None
+            raise
+        self._renewed = time.monotonic()
+        self._recovered = True
+        self._fine()
+        return back
+
+    def _lock_name(self) -> None:
+        row = self._control.execute(
+            "SELECT pg_try_advisory_lock(hashtext('greenmail node ' || %s))", (self.node,)
+        ).fetchone()
+        if not row[0]:
+            raise SpoolError(f"another daemon runs as node {self.node} on this queue")
+
+    def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.kill()
+        while self._buffer:
+            claim = self._buffer.popleft()
+            self._put_back(claim)
+        try:
+            with self.pool.connection() as conn:
+                conn.execute(
+                    "UPDATE greenmail_nodes SET seen = now() - interval '1 day' WHERE name = %s", (self.node,)
+                )
+        except GreenmailError as e:
+            log.warning("cannot record this node's stop: %s", e)
+        if self._control is not None:
+            self._control.close()
+        self.pool.close()
+
+    def problem(self) -> str | None:
+        return self.problem_text
+
+    def _trouble(self, e: Exception) -> None:
+        if self.problem_text is None:
+            log.error("the shared queue: %s; trying again", e)
+        self.problem_text = str(e)
+
+    def _fine(self) -> None:
+        if self.problem_text is not None:
+            log.warning("PostgreSQL answers again")
+            self.problem_text = None
+
+    # -- what is due ---------------------------------------------------------------
+
+    def refresh(self) -> int:
+        """Count what is due, up to COUNT_CAP (and when the next waiting message is): two index scans."""
+        with self.pool.connection() as conn:
+            due, nxt = conn.execute(
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM greenmail_messages WHERE status = 'queued'"
+                "  AND next_attempt <= clock_timestamp() LIMIT %s) AS d),"
+                " (SELECT extract(epoch FROM min(next_attempt))::float8 FROM greenmail_messages"
+                "  WHERE status = 'queued' AND next_attempt > clock_timestamp())",
+                (COUNT_CAP,),
+            ).fetchone()
+        self._due, self._next_due = int(due), nxt
+        return self.due()
+
+    def due(self) -> int:
+        return len(self._buffer) + self._due
+
+    def next_due(self) -> float | None:
+        return self._next_due
+
+    def take_arrivals(self) -> int:
+        return 0  # received{source="local"} counts the spool's pickups only
+
+    # -- claims --------------------------------------------------------------------
+
+    def take(self) -> Claim | None:
+        if self.stopping:
+            return None
+        if not self._buffer and self._due > 0:
+            try:
+                self._claim(min(BATCH, self._due), None)
+            except GreenmailError as e:
+                self._trouble(e)
+                return None
+        return self._buffer.popleft() if self._buffer else None
+
+    def take_older(self, than: float) -> list[Claim]:
+        try:
+            return list(self._claim(BATCH * 32, than))
+        except GreenmailError as e:
+            self._trouble(e)
+            return []
+
+    def _claim(self, n: int, older: float | None) -> list[PgClaim]:
+        """Lease up to ``n`` due messages (oldest first) in one statement; buffered unless ``older``."""
+        older_sql = " AND queued_at < to_timestamp(%(older)s)" if older is not None else ""
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "WITH picked AS (SELECT id FROM greenmail_messages WHERE status = 'queued'"
+                f" AND next_attempt <= clock_timestamp(){older_sql} ORDER BY next_attempt, queued_at"
+                " LIMIT %(n)s FOR UPDATE SKIP LOCKED)"
+                " UPDATE greenmail_messages m SET status = 'active', lease_owner = %(node)s,"
+                " lease_until = clock_timestamp() + %(lease)s * interval '1 second',"
+                " lease_token = nextval('greenmail_lease_tokens') FROM picked WHERE m.id = picked.id"
+                f" RETURNING {MESSAGE_COLUMNS}, m.lease_token,"
+                " (SELECT c.data FROM greenmail_chunks c WHERE c.message_id = m.id AND c.seq = 0"
+                "  AND m.size <= %(small)s)",
+                {"n": n, "node": self.node, "lease": self.lease, "older": older, "small": IN_CLAIM},
+            ).fetchall()
+        self._fine()
+        claims = [self._make(r) for r in sorted(rows, key=lambda r: (r[7], r[4]))]
+        if older is None:
+            self._due = 0 if len(claims) < n else max(0, self._due - len(claims))
+            self._buffer.extend(claims)
+        return claims
+
+    def _make(self, row: Sequence[Any]) -> PgClaim:
+        qid, sender, size, eight_bit, queued_at, _, attempts, next_at, last_error, warned, uid, rcpts = row[
+            :12
+        ]
+        claim = PgClaim(
+            id=qid,
+            sender=sender,
+            recipients=tuple(r[0] for r in rcpts),
+            state=state_of(rcpts, last_error, warned, uid),
+            size=size,
+            queued_at=queued_at,
+            attempts=attempts,
+            eight_bit=eight_bit,
+            token=row[12],
+            queue=self,
+            first=bytes(row[13]) if row[13] is not None else None,
+            next_at=next_at,
+        )
+        self._claims[qid] = claim
+        if not attempts and not claim.state.recipients:  # entering the queue: the first attempt
+            maillog.emit(log, *maillog.queue_entry(qid, sender, size, len(claim.recipients), uid))
+        return claim
+
+    def leases_valid(self) -> bool:
+        """Whether our leases certainly still hold (renewed recently enough)."""
+        return time.monotonic() < self._renewed + self.lease * (1 - MARGIN)
+
+    def settle(self, claim: Claim, next_at: float) -> str:
+        """Record an attempt by the claim's state: "delivered", "failed", or "deferred" until ``next_at``."""
+        assert isinstance(claim, PgClaim)
+        claim.settled = True
+        pending = bool(claim.pending())
+        failed = "failed" in claim.state.recipients.values()
+        if not pending and not failed:
+            sql = [
+                ("DELETE FROM greenmail_messages WHERE id = %s AND lease_token = %s", (claim.id, claim.token))
+            ]
+            outcome = "delivered"
+        else:
+            outcome = "deferred" if pending else "failed"
+            sql = self._update(claim, "queued" if pending else "failed", next_at if pending else 0, 1)
+        self._write(Unsettled(claim, sql))
+        return outcome
+
+    def release(self, claim: Claim) -> None:
+        """Back untouched: no attempt counted, due as before."""
+        assert isinstance(claim, PgClaim)
+        claim.settled = True
+        self._put_back(claim)
+
+    def _put_back(self, claim: PgClaim) -> None:
+        self._write(Unsettled(claim, self._update(claim, "queued", claim.next_at, 0)))
+
+    def _update(
+        self, claim: PgClaim, status: str, next_at: float, attempt: int
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        s = claim.state
+        rcpts = list(claim.recipients)
+        return [
+            (
+                "UPDATE greenmail_messages SET status = %s, attempts = attempts + %s,"
+                " next_attempt = CASE WHEN %s::float8 > 0 THEN to_timestamp(%s) ELSE '-infinity' END,"
+                " last_error = %s, warned = %s, lease_owner = NULL, lease_until = NULL, lease_token = NULL"
+                " WHERE id = %s AND lease_token = %s",
+                (status, attempt, next_at, next_at, s.last_error, s.warned, claim.id, claim.token),
+            ),
+            (
+                "UPDATE greenmail_recipients r SET state = v.state, reply = v.reply, bounced = v.bounced"
+                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::boolean[])"
+                " AS v(address, state, reply, bounced)"
+                " WHERE r.message_id = %s AND r.address = v.address",
+                (
+                    rcpts,
+                    [s.recipients.get(r, "pending") for r in rcpts],
+                    [s.errors.get(r) for r in rcpts],
+                    [r in s.bounced for r in rcpts],
+                    claim.id,
+                ),
+            ),
+        ]
+
+    def _write(self, todo: Unsettled) -> bool:
+        """Run a settlement, fenced by its first statement; kept for later when PostgreSQL is away."""
+        claim = todo.claim
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                first, *rest = todo.sql
+                if conn.execute(*first).rowcount == 0:
+                    log.warning(
+                        "%s: this node's claim was lost (lease ended, another node may have it): "
+                        "this attempt's outcome is not recorded; a possible duplicate",
+                        claim.id,
+                    )
+                else:
+                    for statement in rest:
+                        conn.execute(*statement)
+        except GreenmailError as e:
+            self._trouble(e)
+            self._unsettled[claim.id] = todo
+            return False
+        self._fine()
+        self._unsettled.pop(claim.id, None)
+        self._claims.pop(claim.id, None)
+        return True
+
+    def flush(self) -> None:
+        for todo in list(self._unsettled.values()):
+            self._write(todo)
+
+    # -- enqueue (the queue's own notifications; the listener) ----------------------
+
+    def enqueue(self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO) -> str:
+        incoming = PgIncoming(self.pool.connection, sender, recipients)
+        incoming.write(message if isinstance(message, bytes) else message.read())
+        return incoming.commit()
+
+    def incoming(self, sender: str, recipients: Sequence[str], trace: Any = None) -> PgIncoming:
+        """A message written chunk by chunk (the listener, in a thread: its own connection to commit)."""
+        return PgIncoming(self._own_connection, sender, recipients, trace)
+
+    def _own_connection(self) -> Any:
+        return self.pool.open()
+
+    # -- the heartbeat, housekeeping, wake-ups, gauges ------------------------------------
+
+    def _beat(self) -> None:
+        """Renew this node's leases every third of a lease (at most every 10 s); retry settlements."""
+        every = max(0.5, min(self.lease / 3, 10.0))
+        while True:
+            gevent.sleep(every)
+            started = time.monotonic()
+            try:
+                with self.pool.connection() as conn:
+                    conn.execute(
+                        "UPDATE greenmail_messages"
+                        " SET lease_until = clock_timestamp() + %s * interval '1 second'"
+                        " WHERE status = 'active' AND lease_owner = %s",
+                        (self.lease, self.node),
+                    )
+                    conn.execute("UPDATE greenmail_nodes SET seen = now() WHERE name = %s", (self.node,))
+                self._renewed = started
+                self.flush()
+            except GreenmailError as e:
+                self._trouble(e)
+
+    def maintain(self) -> None:
+        """Every node's expired leases back to the queue; nodes gone a week forgotten; settlements retried."""
+        self.flush()
+        with self.pool.connection() as conn:
+            back = conn.execute(
+                f"UPDATE greenmail_messages SET {UNLEASE} WHERE status = 'active'"
+                " AND lease_until < clock_timestamp()"
+            ).rowcount
+            conn.execute("DELETE FROM greenmail_nodes WHERE seen < now() - interval '7 days'")
+        if back:
+            log.warning("%d messages whose node's lease ended are back in the queue", back)
+
+    def watch(self, woken: Callable[[], None], poked: Callable[[], None]) -> None:
+        """Notifications wake the node at once; without them, due mail is looked for every POLL seconds."""
+        while not self.stopping:
+            try:
+                if self._control is None or self._control.closed:
+                    self._register(recover=not self._recovered)
+                conn = self._control
+                conn.execute(f"LISTEN {pgschema.CHANNEL}")
+                while not self.stopping:
+                    payloads = [n.payload for n in conn.notifies(timeout=POLL)]
+                    if "wake" in payloads:
+                        poked()
+                    before = self.due()
+                    if self.refresh() > before or (payloads and self.due()):
+                        woken()
+                    self._fine()
+            except (GreenmailError, self.pool.pg.Error) as e:
+                self._trouble(e if isinstance(e, GreenmailError) else QueueUnavailable(str(e).strip()))
+                if self._control is not None:
+                    self._control.close()
+                    self._control = None
+                gevent.sleep(RETRY)
+
+    def gauges(self) -> tuple[dict[str, int], float]:
+        """Messages by state in the whole queue (delivery process 0 reports them) and the oldest's time."""
+        if self.worker[0] != 0:
+            return {}, 0.0
+        try:
+            with self.pool.connection() as conn:
+                row = conn.execute(
+                    "SELECT count(*) FILTER (WHERE status = 'queued' AND attempts = 0),"
+                    " count(*) FILTER (WHERE status = 'queued' AND attempts > 0),"
+                    " count(*) FILTER (WHERE status = 'active'), count(*) FILTER (WHERE status = 'failed'),"
+                    " count(*) FILTER (WHERE status = 'held'), extract(epoch FROM min(queued_at))::float8"
+                    " FROM greenmail_messages"
+                ).fetchone()
+            names = ("queued", "deferred", "active", "failed", "held")
+            self._gauges = (dict(zip(names, map(int, row[:5]), strict=True)), row[5] or 0.0)
+        except GreenmailError as e:
+            self._trouble(e)
+        return self._gauges
+
+    def relay_status(self, outage: tuple[float, str] | None) -> None:
+        since, why = outage if outage is not None else (None, None)
+        try:
+            with self.pool.connection() as conn:
+                conn.execute(
+                    "UPDATE greenmail_nodes SET outage_since = to_timestamp(%s), outage = %s WHERE name = %s",
+                    (since, why, self.node),
+                )
+        except GreenmailError as e:
+            log.warning("cannot record the relay's status: %s", e)

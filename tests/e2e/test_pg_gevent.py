@@ -1,0 +1,74 @@
+"""psycopg under gevent, imported the way greenmail imports it (greenmail/pgdb.py): with select
+patched first, ten greenlets' queries run at once on one thread; imported before any patching
+(the negative control), each query blocks the hub and they run one after another.
+
+Each case is a child process (a fresh interpreter: psycopg picks its wait function when it is first
+imported), greenmail imported from this source tree."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import support
+
+SESSIONS = 10
+
+# argv: dsn, "cooperative" or "plain", seconds each query sleeps. Prints max_active=N (the most
+# sessions pg_stat_activity showed running pg_sleep at once) and where pgdb came from.
+SCRIPT = r"""
+import sys, time
+
+dsn, mode, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+if mode == "plain":
+    import psycopg  # before gevent has patched anything: psycopg's C wait blocks the hub
+
+    from greenmail import pgdb
+else:
+    from greenmail import pgdb
+
+    pgdb.psycopg(cooperative=True)  # patches select, then imports psycopg
+import gevent
+
+cooperative = mode != "plain"
+conns = [pgdb.connect(dsn, None, cooperative=cooperative) for _ in range(SESSIONS + 1)]
+watcher = conns.pop()
+workers = [gevent.spawn(c.execute, "SELECT pg_sleep(%s)", (seconds,)) for c in conns]
+ACTIVE = (
+    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%%' AND state = 'active'"
+    " AND datname = current_database()"
+)
+most, deadline = 0, time.monotonic() + 15
+while most < SESSIONS and time.monotonic() < deadline and not all(w.ready() for w in workers):
+    most = max(most, watcher.execute(ACTIVE).fetchone()[0])
+    gevent.sleep(0.02)
+gevent.joinall(workers, timeout=60, raise_error=True)
+assert all(w.successful() for w in workers), [w.exception for w in workers]
+print(f"max_active={most}")
+print(f"pgdb={pgdb.__file__}")
+""".replace("SESSIONS", str(SESSIONS))
+
+
+def run(dsn: str, mode: str, seconds: float) -> int:
+    r = subprocess.run(
+        [sys.executable, "-P", "-c", SCRIPT, dsn, mode, str(seconds)],
+        capture_output=True,
+        text=True,
+        env=support.env(),
+        timeout=90,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"pgdb={support.ROOT / 'greenmail' / 'pgdb.py'}" in r.stdout  # this tree's, not an installed one
+    found = re.search(r"^max_active=(\d+)$", r.stdout, re.MULTILINE)
+    assert found, r.stdout
+    return int(found.group(1))
+
+
+def test_cooperative_psycopg_runs_ten_queries_at_once(pg_dsn: str) -> None:
+    assert run(pg_dsn, "cooperative", 2) == SESSIONS
+
+
+def test_psycopg_imported_before_patching_runs_one_at_a_time(pg_dsn: str) -> None:
+    """The negative control: the same script, psycopg imported before gevent patched select."""
+    assert run(pg_dsn, "plain", 0.5) <= 1
