@@ -46,6 +46,8 @@ class PgClaim(Claim):
     queue: PgQueue
     first: bytes | None = None  # the whole message, when small enough to come with the claim
     next_at: float = 0.0
+    taken: float = 0.0  # monotonic time of the claim
+    lost: bool = False  # the heartbeat found its lease gone (expired and returned, or taken over)
 
     @property
     def in_memory(self) -> bool:
@@ -56,6 +58,8 @@ class PgClaim(Claim):
         return open_body(self.queue.pool.connection, self.id, self.first)
 
     def keep(self) -> None:
+        if self.lost:
+            raise LeaseLost(f"{self.id}: this node's lease on it ended (another node may have it)")
         if not self.queue.leases_valid():
             raise LeaseLost(f"{self.id}: this node's lease could not be renewed in time")
 
@@ -84,8 +88,8 @@ class PgQueue:
         self.pool = Pool(dsn, password_file, connections, f"greenmail {self.node}")
         self.stopping = False
         self._buffer: deque[PgClaim] = deque()  # claimed, not yet handed to a session
-        self._claims: dict[str, PgClaim] = {}  # ours: in the buffer or being delivered
-        self._unsettled: dict[str, Unsettled] = {}  # settlements to write once PostgreSQL answers again
+        self._claims: dict[int, PgClaim] = {}  # ours by lease token: in the buffer or being delivered
+        self._unsettled: dict[int, Unsettled] = {}  # settlements to write once PostgreSQL answers again
         self._due = 0  # due messages in the queue, as last counted
         self._next_due: float | None = None
         self._renewed = 0.0  # monotonic time of the last renewal of our leases (or of the claims)
@@ -263,8 +267,9 @@ class PgQueue:
             queue=self,
             first=bytes(row[13]) if row[13] is not None else None,
             next_at=next_at,
+            taken=time.monotonic(),
         )
-        self._claims[qid] = claim
+        self._claims[claim.token] = claim
         if not attempts and not claim.state.recipients:  # entering the queue: the first attempt
             maillog.emit(log, *maillog.queue_entry(qid, sender, size, len(claim.recipients), uid))
         return claim
@@ -344,11 +349,11 @@ class PgQueue:
                         conn.execute(*statement)
         except GreenmailError as e:
             self._trouble(e)
-            self._unsettled[claim.id] = todo
+            self._unsettled[claim.token] = todo
             return False
         self._fine()
-        self._unsettled.pop(claim.id, None)
-        self._claims.pop(claim.id, None)
+        self._unsettled.pop(claim.token, None)
+        self._claims.pop(claim.token, None)
         return True
 
     def flush(self) -> None:
@@ -379,17 +384,27 @@ class PgQueue:
             started = time.monotonic()
             try:
                 with self.pool.connection() as conn:
-                    conn.execute(
+                    held = conn.execute(
                         "UPDATE greenmail_messages"
                         " SET lease_until = clock_timestamp() + %s * interval '1 second'"
-                        " WHERE status = 'active' AND lease_owner = %s",
+                        " WHERE status = 'active' AND lease_owner = %s RETURNING id, lease_token",
                         (self.lease, self.node),
-                    )
+                    ).fetchall()
                     conn.execute("UPDATE greenmail_nodes SET seen = now() WHERE name = %s", (self.node,))
                 self._renewed = started
+                self._mark_lost(set(map(tuple, held)), started)
                 self.flush()
             except GreenmailError as e:
                 self._trouble(e)
+
+    def _mark_lost(self, held: set[tuple[Any, ...]], renewal: float) -> None:
+        """Our claims taken before a renewal that the renewal did not find are no longer ours."""
+        for claim in list(self._claims.values()):
+            if claim.taken < renewal and (claim.id, claim.token) not in held and not claim.settled:
+                claim.lost = True
+                if claim in self._buffer:  # never handed out: forgotten (the queue has it again)
+                    self._buffer.remove(claim)
+                    self._claims.pop(claim.token, None)
 
     def maintain(self) -> None:
         """Every node's expired leases back to the queue; nodes gone a week forgotten; settlements retried."""

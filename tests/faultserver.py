@@ -11,6 +11,7 @@ An action is one of:
   - "huge": a 10 MB line without a newline; "endless": "250-x" lines until the client leaves;
   - "trickle": one "250-x" line every 50 ms, forever; "deaf": neither read nor answer, until stop();
   - {"reply": action, "then": action}: the reply, then (e.g.) "drop", "stall" or "deaf";
+  - {"wait": seconds, "reply": action}: the reply after that long (reading nothing meanwhile);
   - a list: the Nth occurrence of the stage on a connection takes the Nth item; later
     occurrences get the default;
   - {"when": {substring: action, ...}, "else": action}: chosen by the command line
@@ -379,6 +380,10 @@ class _Conn:
         """Carry out the script for a stage; returns the reply sent (raises _Closed on drop)."""
         self.counts[stage] = self.counts.get(stage, 0) + 1
         act = self.srv.action(stage, self.counts[stage], line)
+        if isinstance(act, dict) and "wait" in act:
+            if self.srv._stopping.wait(act["wait"]):
+                raise _Closed
+            act = act["reply"]
         if isinstance(act, dict) and "then" in act:
             sent = self.perform(stage, act["reply"])
             self.perform(stage, act["then"])

@@ -74,7 +74,10 @@ def _env() -> dict[str, str]:
 class PgServer:
     """One postmaster on 127.0.0.1:``port`` over ``directory``/data; see the module's docstring."""
 
-    def __init__(self, bindir: Path, directory: Path, account: tuple[int, int] | None) -> None:
+    def __init__(
+        self, bindir: Path, directory: Path, account: tuple[int, int] | None, durable: bool = False
+    ) -> None:
+        self.durable = durable  # fsync on (a benchmark's server); tests run without
         self.bindir = bindir
         self.directory = directory
         self.data = directory / "data"
@@ -85,12 +88,13 @@ class PgServer:
         self._proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def start(cls, directory: Path, bindir: Path | None = None) -> PgServer:
-        """initdb into ``directory``/data and start the server on a free port; raises PgServerError."""
+    def start(cls, directory: Path, bindir: Path | None = None, durable: bool = False) -> PgServer:
+        """initdb into ``directory``/data and start the server on a free port; raises PgServerError.
+        ``durable``: fsync on, as a production server (bench/); else off (a throw-away server)."""
         bindir = bindir or find_bindir()
         if bindir is None:
             raise PgServerError("PostgreSQL's server binaries (initdb, postgres) are not installed")
-        server = cls(bindir, directory, _account())
+        server = cls(bindir, directory, _account(), durable)
         server._initdb()
         for attempt in range(3):  # free_port() can race with another process taking the port
             server.port = free_port()
@@ -113,6 +117,11 @@ class PgServer:
     def drop_database(self, name: str) -> None:
         """Drop ``name`` if it exists, ending its sessions."""
         self._client("dropdb", "--if-exists", "--force", name)
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process id while it runs."""
+        return self._proc.pid if self.running and self._proc is not None else None
 
     @property
     def running(self) -> bool:
@@ -184,7 +193,7 @@ class PgServer:
         settings = {
             "listen_addresses": "127.0.0.1",
             "unix_socket_directories": str(self.sockets),
-            "fsync": "off",  # a throw-away server; synchronous_commit and the rest keep their defaults
+            "fsync": "on" if self.durable else "off",  # synchronous_commit and the rest: defaults
             "max_connections": "100",
         }
         with open(self.data / "postgresql.conf", "a") as conf:

@@ -410,3 +410,35 @@ def test_the_listener_writes_into_the_shared_queue_and_metrics_count_the_whole_q
         support.wait_until(held_gauge, 10, what="the held message in the queue's gauge")
     finally:
         assert d.stop() == 0, d.text()
+
+
+def test_a_claim_taken_over_is_never_sent_by_the_node_that_lost_it(tmp_path: Path, pg_dsn: str) -> None:
+    """The lease of a message in flight ends (here: returned to the queue behind the node's back,
+    as another node's check does with an expired lease): the heartbeat notices, the session stops
+    before the final dot, and the message is sent exactly once, by whoever claims it next."""
+    from faultserver import FaultServer
+
+    script = {"data": {"wait": 6, "reply": "354 go ahead"}}  # every DATA waits: time to take the lease away
+    with FaultServer(script) as fault:
+        path = node_config(tmp_path / "n1", pg_dsn, fault.port, timeouts={"data_init": 20})
+        assert support.greenmail("queue", "init", config=path).returncode == 0
+        d = support.daemon(path, tmp_path / "n1.log")
+        try:
+            support.wait_until(lambda: "greenmail started" in d.text(), 15, what="the daemon's start")
+            qid = support.enqueue(path, b"Subject: once\n\nx\n")
+            active = f"SELECT count(*) FROM greenmail_messages WHERE id = '{qid}' AND status = 'active'"
+            support.wait_until(lambda: psql(pg_dsn, active) == "1", 10, what="the message claimed")
+            support.wait_until(lambda: "DATA" in fault.verbs(), 10, what="DATA sent")
+            psql(
+                pg_dsn,
+                "UPDATE greenmail_messages SET status = 'queued', lease_owner = NULL, lease_until = NULL,"
+                f" lease_token = NULL WHERE id = '{qid}'",
+            )
+            support.wait_until(lambda: len(fault.messages) >= 1, 20, what="the message sent once")
+            support.wait_until(lambda: psql(pg_dsn, "SELECT count(*) FROM greenmail_messages") == "0", 20)
+            support.wait_until(
+                lambda: "lease on it ended" in d.text(), 20, what="the first session giving up"
+            )
+            assert len(fault.messages) == 1
+        finally:
+            assert d.stop() == 0, d.text()
