@@ -34,12 +34,37 @@ def delivery_queue(cfg: Config, offload: Any, worker: tuple[int, int]) -> Delive
         from greenmail.pgqueue import PgQueue
 
         q = cfg.queue
-        return PgQueue(q.dsn or "", q.password_file, q.lease, worker, node=q.node, connections=10)
+        batch = cfg.delivery.max_connections
+        return PgQueue(
+            q.dsn or "", q.password_file, q.lease, worker, node=q.node, connections=10, batch=batch
+        )
     from greenmail.spool import Spool
     from greenmail.spoolqueue import SpoolQueue
 
     spool = Spool(cfg.spool.path, rewriter=rewriter(cfg))
     return SpoolQueue(spool, offload, worker=worker, prune_after=cfg.spool.prune_after)
+
+
+def rate_limiter(cfg: Config, queue: DeliveryQueue) -> Any:
+    """relay.rate_limit: per process on the spool, for the whole cluster on the shared queue."""
+    if cfg.queue.backend == "postgresql":
+        from greenmail.pglimits import SharedRate
+
+        q: Any = queue
+        return SharedRate(q.pool, cfg.relay.rate_limit)
+    from greenmail.shaping import RateLimiter
+
+    return RateLimiter(cfg.relay.rate_limit)
+
+
+def connection_slots(cfg: Config, queue: DeliveryQueue) -> Any:
+    """delivery.cluster_max_connections on the shared queue (None: no cluster-wide limit)."""
+    if cfg.queue.backend != "postgresql" or not cfg.delivery.cluster_max_connections:
+        return None
+    from greenmail.pglimits import SharedSlots
+
+    q: Any = queue
+    return SharedSlots(q.pool, q.node, cfg.delivery.cluster_max_connections, q.slot_lease)
 
 
 def reconfigure(queue: DeliveryQueue, cfg: Config) -> None:

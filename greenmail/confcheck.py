@@ -174,6 +174,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "connect_tries": _int_range(1, 1000),
         "shutdown_grace": _duration,
         "processes": _int_range(1, MAX_PROCESSES),
+        "cluster_max_connections": _int_range(0, 10**6),
     },
     "retry": {
         "min_backoff": _duration,
@@ -236,6 +237,8 @@ def validate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     queue = out.get("queue", {})
     if queue.get("backend") == "postgresql" and not queue.get("dsn"):
         raise ConfigError('queue.dsn: needed with queue.backend = "postgresql" (a libpq connection string)')
+    if out.get("delivery", {}).get("cluster_max_connections") and queue.get("backend") != "postgresql":
+        raise ConfigError('delivery.cluster_max_connections: needs queue.backend = "postgresql"')
     if queue.get("lease", 900) < 10:
         raise ConfigError(f"queue.lease: at least 10 seconds, got {queue['lease']}")
     delivery = out.get("delivery", {})

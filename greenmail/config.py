@@ -110,6 +110,7 @@ class DeliveryConfig:
     connect_tries: int = 3
     shutdown_grace: float = 30
     processes: int = 1
+    cluster_max_connections: int = 0  # all nodes of a shared queue together; 0: no such limit
 
 
 @dataclass(frozen=True)

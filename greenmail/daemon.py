@@ -37,7 +37,7 @@ from greenmail.notify import Notifier
 from greenmail.outbox import Outbox
 from greenmail.scheduler import Scheduler
 from greenmail.session import Session
-from greenmail.shaping import RateLimiter, Throttle
+from greenmail.shaping import Throttle
 from greenmail.workers import Link, Reports, Supervisor, share_config
 
 log = logging.getLogger("greenmail")
@@ -136,7 +136,7 @@ class Daemon:
             offload=offload,
         )
         self.throttle = Throttle(config.delivery.max_connections)
-        self.limiter = RateLimiter(config.relay.rate_limit)
+        self.limiter = backends.rate_limiter(config, self.queue)
         self.transport = Transport.build(
             config.relay, config.timeouts, self.metrics, self.helo, self.throttle
         )
@@ -148,6 +148,7 @@ class Daemon:
             self._new_session,
             self.throttle,
             reconnect=not once,
+            slots=backends.connection_slots(config, self.queue),
         )
         self.http: WSGIServer | None = None
         self.listener: Listener | None = None

@@ -31,7 +31,7 @@ from greenmail.pgstore import MESSAGE_COLUMNS, PgIncoming, open_body, state_of
 from greenmail.queue import Claim
 
 log = logging.getLogger("greenmail.queue")
-BATCH = 32  # messages claimed in one round trip
+BATCH = 32  # messages claimed in one round trip at most (and no more than the node's connections)
 POLL = 1.0  # seconds between looks for due mail when no notification came
 COUNT_CAP = 10_000  # due messages counted at most (more than any node opens sessions for)
 IN_CLAIM = 32 * 1024  # messages up to this size come with their claim (one chunk)
@@ -81,7 +81,10 @@ class PgQueue:
         worker: tuple[int, int] = (0, 1),
         node: str | None = None,
         connections: int = 10,
+        batch: int = BATCH,
     ) -> None:
+        self.batch = max(1, min(batch, BATCH))  # claimed ahead: no more than the sessions will take
+        self.slot_lease = min(lease, 30.0)  # a dead node's connection slots come back sooner than its mail
         self.node = f"{node or layout.HOST}/{worker[0]}"  # one name per delivery process
         self.lease = lease
         self.worker = worker
@@ -164,6 +167,7 @@ class PgQueue:
                 conn.execute(
                     "UPDATE greenmail_nodes SET seen = now() - interval '1 day' WHERE name = %s", (self.node,)
                 )
+                conn.execute("DELETE FROM greenmail_slots WHERE node = %s", (self.node,))
         except GreenmailError as e:
             log.warning("cannot record this node's stop: %s", e)
         if self._control is not None:
@@ -214,7 +218,7 @@ class PgQueue:
             return None
         if not self._buffer and self._due > 0:
             try:
-                self._claim(min(BATCH, self._due), None)
+                self._claim(min(self.batch, self._due), None)
             except GreenmailError as e:
                 self._trouble(e)
                 return None
@@ -222,7 +226,7 @@ class PgQueue:
 
     def take_older(self, than: float) -> list[Claim]:
         try:
-            return list(self._claim(BATCH * 32, than))
+            return list(self._claim(BATCH * 32, than))  # expiry: as many as come
         except GreenmailError as e:
             self._trouble(e)
             return []
@@ -391,6 +395,11 @@ class PgQueue:
                         (self.lease, self.node),
                     ).fetchall()
                     conn.execute("UPDATE greenmail_nodes SET seen = now() WHERE name = %s", (self.node,))
+                    conn.execute(
+                        "UPDATE greenmail_slots SET until = clock_timestamp() + %s * interval '1 second'"
+                        " WHERE node = %s",
+                        (self.slot_lease, self.node),
+                    )
                 self._renewed = started
                 self._mark_lost(set(map(tuple, held)), started)
                 self.flush()

@@ -14,6 +14,7 @@ from typing import Any
 from greenmail.errors import ConfigError
 
 INIT_LOCK = 0x6772656E  # pg_advisory_xact_lock key of `queue init` ("gren")
+SLOTS_LOCK = 0x736C6F74  # pg_advisory_xact_lock key of the connection slots' grants ("slot")
 CHANNEL = "greenmail"  # LISTEN/NOTIFY channel: "" new mail, "wake" an operator's `queue retry`
 
 # Step n takes the schema from version n to n + 1.
@@ -109,6 +110,21 @@ BEGIN
     RETURN qid;
 END
 $$;
+""",
+    r"""
+-- relay.rate_limit for the whole cluster (pglimits.py): the GCRA's theoretical arrival time.
+CREATE TABLE greenmail_limits (
+    name text PRIMARY KEY,
+    tat  double precision NOT NULL          -- seconds since the epoch
+);
+
+-- delivery.cluster_max_connections (pglimits.py): the connections each node may have open now,
+-- a lease renewed by its heartbeat.
+CREATE TABLE greenmail_slots (
+    node  text PRIMARY KEY,
+    n     integer NOT NULL CHECK (n >= 0),
+    until timestamptz NOT NULL
+);
 """,
 ]
 VERSION = len(STEPS)

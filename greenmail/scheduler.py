@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import gevent
 from gevent.event import Event
@@ -47,8 +48,10 @@ class Scheduler:
         new_session: SessionFactory,
         throttle: Throttle | None = None,
         reconnect: bool = True,
+        slots: Any = None,
     ) -> None:
         self.cfg = config
+        self.slots = slots  # the cluster's connection slots (a shared queue's), or None: no such limit
         self.queue = queue
         self.outbox = outbox
         self.metrics = metrics
@@ -152,6 +155,8 @@ class Scheduler:
         want = min(self.queue.due() - self._starting, free)
         if not self._greeted:
             want = min(want, 1 - self._probing)
+        if self.slots is not None:  # what this node may have open of the cluster's connections
+            want = min(want, self.slots.grant(len(self.pool) + max(0, want)) - len(self.pool))
         for _ in range(max(0, want)):
             probe = not self._greeted
             self._probing += probe

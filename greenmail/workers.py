@@ -58,7 +58,8 @@ def share_config(cfg: Config, worker: tuple[int, int]) -> Config:
         return cfg
     total = cfg.delivery.max_connections
     conns = total // n + (k < total % n)
-    rate = cfg.relay.rate_limit / n
+    shared = cfg.queue.backend == "postgresql"  # the shared queue's limiter counts for the cluster
+    rate = cfg.relay.rate_limit if shared else cfg.relay.rate_limit / n
     return dataclasses.replace(
         cfg,
         delivery=dataclasses.replace(cfg.delivery, max_connections=conns),

@@ -19,6 +19,8 @@ import pytest
 import support
 from aiosmtpd_server import Relay, start_relay
 
+from greenmail import pgschema
+
 pytestmark = pytest.mark.timeout(240)
 
 
@@ -107,12 +109,22 @@ def test_init_creates_the_schema_once_and_says_so(tmp_path: Path, pg_dsn: str, r
     outs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outs
     said = sorted(o[0].decode().strip() for o in outs)
-    assert said == [
-        "schema version 1 (was none)",
-        "schema version 1: up to date",
-        "schema version 1: up to date",
-    ]
-    assert psql(pg_dsn, "SELECT version FROM greenmail_schema") == "1"
+    v = pgschema.VERSION
+    assert said == [f"schema version {v} (was none)", *[f"schema version {v}: up to date"] * 2]
+    versions = psql(pg_dsn, "SELECT string_agg(version::text, ',' ORDER BY version) FROM greenmail_schema")
+    assert versions == ",".join(str(n) for n in range(1, v + 1))
+
+
+def test_init_migrates_an_older_schema_step_by_step(tmp_path: Path, pg_dsn: str, relay: Relay) -> None:
+    path = node_config(tmp_path / "n1", pg_dsn, relay.port)
+    psql(pg_dsn, "CREATE TABLE greenmail_schema (version integer NOT NULL)")
+    psql(pg_dsn, pgschema.STEPS[0] + "; INSERT INTO greenmail_schema VALUES (1)")
+    qid = psql(pg_dsn, "SELECT greenmail_enqueue('a@example.org', ARRAY['b@example.net'], 'x'::bytea)")
+    old = support.greenmail("queue", "list", config=path)
+    assert old.returncode == 78 and b"version 1" in old.stderr
+    r = support.greenmail("queue", "init", config=path)
+    assert r.returncode == 0 and r.stdout.decode().strip() == f"schema version {pgschema.VERSION} (was 1)"
+    assert [m["id"] for m in listed(path)] == [qid]  # the mail queued before the migration is kept
 
 
 def test_init_on_the_spool_backend_is_a_usage_error(tmp_path: Path, relay: Relay) -> None:
@@ -218,9 +230,9 @@ def test_a_node_delivers_new_mail_within_a_second_and_big_messages_whole(
         [b] = [m for m in relay.messages() if m.rcpt_tos == ["b@example.net"]]
         assert b.content.replace(b"\r\n", b"\n").endswith(big[len(b"Subject: big\n") :])
         support.wait_until(lambda: psql(pg_dsn, "SELECT count(*) FROM greenmail_messages") == "0", 10)
-        assert "(queue active)" in d.text() and "status=sent" in d.text()
     finally:
         assert d.stop() == 0, d.text()
+    assert "(queue active)" in d.text() and "status=sent" in d.text()  # the mail log, complete once stopped
 
 
 def test_a_refused_recipient_fails_and_the_rest_is_retried_per_recipient(
@@ -277,18 +289,22 @@ def test_three_nodes_drain_one_queue_and_send_every_message_exactly_once(
     configs = [node_config(tmp_path / f"n{i}", pg_dsn, relay.port, node=f"n{i}") for i in (1, 2, 3)]
     assert support.greenmail("queue", "init", config=configs[0]).returncode == 0
     n = 300
-    enqueue_numbered(pg_dsn, n)
     nodes = [support.daemon(c, tmp_path / f"n{i}.log") for i, c in enumerate(configs, 1)]
     try:
+        for node in nodes:
+            support.wait_until(
+                lambda node=node: "greenmail started" in node.text(), 15, what="a node's start"
+            )
+        enqueue_numbered(pg_dsn, n)
         support.wait_until(lambda: relay.count() >= n, 60, interval=0.2, what=f"{n} messages at the relay")
         support.wait_until(lambda: psql(pg_dsn, "SELECT count(*) FROM greenmail_messages") == "0", 15)
         got = subjects(relay)
         assert got == Counter({f"m{i}": 1 for i in range(1, n + 1)})
-        senders = [node.text().count("status=sent") for node in nodes]
-        assert sum(senders) == n and all(senders), senders  # every node took part
     finally:
         for node in nodes:
             assert node.stop() == 0, node.text()
+    senders = [node.text().count("status=sent") for node in nodes]  # the logs are complete once stopped
+    assert sum(senders) == n and all(senders), senders  # every node took part
 
 
 def test_a_node_killed_mid_drain_leaves_nothing_behind(tmp_path: Path, pg_dsn: str) -> None:
@@ -442,3 +458,69 @@ def test_a_claim_taken_over_is_never_sent_by_the_node_that_lost_it(tmp_path: Pat
             assert len(fault.messages) == 1
         finally:
             assert d.stop() == 0, d.text()
+
+
+def test_the_rate_limit_is_a_total_for_the_whole_cluster(tmp_path: Path, pg_dsn: str, relay: Relay) -> None:
+    rate, n = 5, 16
+    configs = [
+        node_config(
+            tmp_path / f"n{i}",
+            pg_dsn,
+            relay.port,
+            node=f"n{i}",
+            relay={"rate_limit": rate},
+            delivery={"max_connections": 1},  # one message claimed at a time: both nodes take turns
+        )
+        for i in (1, 2)
+    ]
+    assert support.greenmail("queue", "init", config=configs[0]).returncode == 0
+    nodes = [support.daemon(c, tmp_path / f"n{i}.log") for i, c in enumerate(configs, 1)]
+    try:
+        for node in nodes:
+            support.wait_until(
+                lambda node=node: "greenmail started" in node.text(), 15, what="a node's start"
+            )
+        enqueue_numbered(pg_dsn, n)
+        support.wait_until(lambda: relay.count() >= n, 30, interval=0.1, what=f"{n} messages at the relay")
+        times = sorted(p.stat().st_mtime for p in relay.out.glob("[0-9]*.json"))
+    finally:
+        for node in nodes:
+            assert node.stop() == 0, node.text()
+    senders = [node.text().count("status=sent") for node in nodes]
+    assert all(senders), senders  # both nodes sent: the limit is theirs together
+    # n messages at `rate` per second from both nodes together take at least (n - 1) / rate
+    # (at `rate` each they would take half as long)
+    assert times[-1] - times[0] >= (n - 1) / rate * 0.9, (times[-1] - times[0], senders)
+
+
+def test_cluster_max_connections_caps_the_connections_of_all_nodes_together(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    from faultserver import FaultServer
+
+    with FaultServer({"data": {"wait": 0.3, "reply": "354 go ahead"}}) as fault:  # connections stay open
+        configs = [
+            node_config(tmp_path / f"n{i}", pg_dsn, fault.port, node=f"n{i}",
+                        delivery={"max_connections": 10, "cluster_max_connections": 3})
+            for i in (1, 2)
+        ]  # fmt: skip
+        assert support.greenmail("queue", "init", config=configs[0]).returncode == 0
+        nodes = [support.daemon(c, tmp_path / f"n{i}.log") for i, c in enumerate(configs, 1)]
+        try:
+            for node in nodes:
+                support.wait_until(lambda node=node: "greenmail started" in node.text(), 15, what="a start")
+            enqueue_numbered(pg_dsn, 30)
+            support.wait_until(lambda: len(fault.messages) >= 30, 60, interval=0.1, what="30 messages sent")
+            support.wait_until(lambda: psql(pg_dsn, "SELECT count(*) FROM greenmail_messages") == "0", 10)
+            assert 2 <= fault.max_concurrent <= 3, fault.max_concurrent
+            got = Counter(
+                ln for m in fault.messages for ln in m["data"].splitlines() if ln.startswith(b"Subject")
+            )
+            assert len(got) == 30 and set(got.values()) == {1}  # each once
+            # idle again: the slots go back (a node that stops gives its own back)
+            support.wait_until(
+                lambda: psql(pg_dsn, "SELECT coalesce(sum(n), 0) FROM greenmail_slots") == "0", 10
+            )
+        finally:
+            for node in nodes:
+                assert node.stop() == 0, node.text()
