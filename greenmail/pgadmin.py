@@ -111,7 +111,7 @@ class PgAdmin:
             found = row.fetchone()
         if found is None:
             raise NotFound(f"{qid}: no such message in the queue")
-        return info(found), open_body(self.connection, qid)
+        return info(found), open_body(self.connection, qid, found[2])
 
     # -- changes ---------------------------------------------------------------------------
 

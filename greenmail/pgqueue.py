@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,6 +27,7 @@ import gevent
 from greenmail import layout, maillog, pgschema
 from greenmail.errors import GreenmailError, LeaseLost, QueueUnavailable, SpoolError
 from greenmail.pgpool import Pool
+from greenmail.pgsettle import Settler
 from greenmail.pgstore import MESSAGE_COLUMNS, PgIncoming, open_body, state_of
 from greenmail.queue import Claim
 
@@ -55,19 +56,13 @@ class PgClaim(Claim):
         return True
 
     def open_body(self) -> BinaryIO:
-        return open_body(self.queue.pool.connection, self.id, self.first)
+        return open_body(self.queue.pool.connection, self.id, self.size, self.first)
 
     def keep(self) -> None:
         if self.lost:
             raise LeaseLost(f"{self.id}: this node's lease on it ended (another node may have it)")
         if not self.queue.leases_valid():
             raise LeaseLost(f"{self.id}: this node's lease could not be renewed in time")
-
-
-@dataclass
-class Unsettled:
-    claim: PgClaim
-    sql: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
 
 
 class PgQueue:
@@ -89,10 +84,10 @@ class PgQueue:
         self.lease = lease
         self.worker = worker
         self.pool = Pool(dsn, password_file, connections, f"greenmail {self.node}")
+        self.settler = Settler(self.pool, self._settled, self._trouble)
         self.stopping = False
         self._buffer: deque[PgClaim] = deque()  # claimed, not yet handed to a session
         self._claims: dict[int, PgClaim] = {}  # ours by lease token: in the buffer or being delivered
-        self._unsettled: dict[int, Unsettled] = {}  # settlements to write once PostgreSQL answers again
         self._due = 0  # due messages in the queue, as last counted
         self._next_due: float | None = None
         self._renewed = 0.0  # monotonic time of the last renewal of our leases (or of the claims)
@@ -287,17 +282,11 @@ class PgQueue:
         assert isinstance(claim, PgClaim)
         claim.settled = True
         pending = bool(claim.pending())
-        failed = "failed" in claim.state.recipients.values()
-        if not pending and not failed:
-            sql = [
-                ("DELETE FROM greenmail_messages WHERE id = %s AND lease_token = %s", (claim.id, claim.token))
-            ]
-            outcome = "delivered"
-        else:
-            outcome = "deferred" if pending else "failed"
-            sql = self._update(claim, "queued" if pending else "failed", next_at if pending else 0, 1)
-        self._write(Unsettled(claim, sql))
-        return outcome
+        if not pending and "failed" not in claim.state.recipients.values():
+            self.settler.retire(claim)
+            return "delivered"
+        self.settler.requeue(claim, "queued" if pending else "failed", next_at if pending else 0, 1)
+        return "deferred" if pending else "failed"
 
     def release(self, claim: Claim) -> None:
         """Back untouched: no attempt counted, due as before."""
@@ -306,63 +295,14 @@ class PgQueue:
         self._put_back(claim)
 
     def _put_back(self, claim: PgClaim) -> None:
-        self._write(Unsettled(claim, self._update(claim, "queued", claim.next_at, 0)))
+        self.settler.requeue(claim, "queued", claim.next_at, 0)
 
-    def _update(
-        self, claim: PgClaim, status: str, next_at: float, attempt: int
-    ) -> list[tuple[str, tuple[Any, ...]]]:
-        s = claim.state
-        rcpts = list(claim.recipients)
-        return [
-            (
-                "UPDATE greenmail_messages SET status = %s, attempts = attempts + %s,"
-                " next_attempt = CASE WHEN %s::float8 > 0 THEN to_timestamp(%s) ELSE '-infinity' END,"
-                " last_error = %s, warned = %s, lease_owner = NULL, lease_until = NULL, lease_token = NULL"
-                " WHERE id = %s AND lease_token = %s",
-                (status, attempt, next_at, next_at, s.last_error, s.warned, claim.id, claim.token),
-            ),
-            (
-                "UPDATE greenmail_recipients r SET state = v.state, reply = v.reply, bounced = v.bounced"
-                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::boolean[])"
-                " AS v(address, state, reply, bounced)"
-                " WHERE r.message_id = %s AND r.address = v.address",
-                (
-                    rcpts,
-                    [s.recipients.get(r, "pending") for r in rcpts],
-                    [s.errors.get(r) for r in rcpts],
-                    [r in s.bounced for r in rcpts],
-                    claim.id,
-                ),
-            ),
-        ]
-
-    def _write(self, todo: Unsettled) -> bool:
-        """Run a settlement, fenced by its first statement; kept for later when PostgreSQL is away."""
-        claim = todo.claim
-        try:
-            with self.pool.connection() as conn, conn.transaction():
-                first, *rest = todo.sql
-                if conn.execute(*first).rowcount == 0:
-                    log.warning(
-                        "%s: this node's claim was lost (lease ended, another node may have it): "
-                        "this attempt's outcome is not recorded; a possible duplicate",
-                        claim.id,
-                    )
-                else:
-                    for statement in rest:
-                        conn.execute(*statement)
-        except GreenmailError as e:
-            self._trouble(e)
-            self._unsettled[claim.token] = todo
-            return False
-        self._fine()
-        self._unsettled.pop(claim.token, None)
+    def _settled(self, claim: PgClaim) -> None:
         self._claims.pop(claim.token, None)
-        return True
+        self._fine()
 
     def flush(self) -> None:
-        for todo in list(self._unsettled.values()):
-            self._write(todo)
+        self.settler.flush()
 
     # -- enqueue (the queue's own notifications; the listener) ----------------------
 

@@ -111,19 +111,20 @@ def store(
 class ChunkReader(io.RawIOBase):
     """A stored message's body, fetched one chunk (one short query) at a time."""
 
-    def __init__(self, connect: Connect, qid: str, first: bytes | None = None) -> None:
+    def __init__(self, connect: Connect, qid: str, size: int, first: bytes | None = None) -> None:
         self.connect = connect
         self.qid = qid
+        self._left = size  # bytes not yet fetched: no query once the whole message came
         self._seq = 0
         self._pending = b""
         if first is not None:
-            self._pending, self._seq = first, 1
+            self._pending, self._seq, self._left = first, 1, size - len(first)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        if not self._pending:
+        if not self._pending and self._left > 0:
             with self.connect() as conn:
                 row = conn.execute(
                     "SELECT data FROM greenmail_chunks WHERE message_id = %s AND seq = %s",
@@ -132,14 +133,15 @@ class ChunkReader(io.RawIOBase):
             if row is None:
                 return 0
             self._pending, self._seq = bytes(row[0]), self._seq + 1
+            self._left -= len(self._pending)
         n = min(len(buffer), len(self._pending))
         buffer[:n] = self._pending[:n]
         self._pending = self._pending[n:]
         return n
 
 
-def open_body(connect: Connect, qid: str, first: bytes | None = None) -> io.BufferedReader:
-    return io.BufferedReader(ChunkReader(connect, qid, first), CHUNK)
+def open_body(connect: Connect, qid: str, size: int, first: bytes | None = None) -> io.BufferedReader:
+    return io.BufferedReader(ChunkReader(connect, qid, size, first), CHUNK)
 
 
 def state_of(rows: list[list[Any]], last_error: str | None, warned: bool, uid: int | None) -> State:
