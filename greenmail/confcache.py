@@ -21,7 +21,7 @@ import os
 
 ENV_VAR = "GREENMAIL_CONFIG"
 DEFAULT_PATHS = ("/etc/greenmail/greenmail.toml",)
-VERSION = 2
+VERSION = 3
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -247,8 +247,16 @@ def submission_settings(cfg: Config) -> dict[str, Any]:
     from greenmail.addresses import Rewriter
 
     rw = Rewriter(**cfg.addresses.settings())
+    queue: dict[str, Any] = {"backend": cfg.queue.backend}
+    if cfg.queue.backend == "postgresql":
+        from greenmail.logfmt import redact_dsn
+
+        dsn = cfg.queue.dsn or ""
+        if redact_dsn(dsn) == dsn:  # the cache is readable by all: never a password in it
+            pf = cfg.queue.password_file
+            queue.update(dsn=dsn, password_file=str(pf) if pf else None)
     return {
-        "backend": cfg.queue.backend,
+        **queue,
         "spool": str(cfg.spool.path),
         "addresses": {**cfg.addresses.settings(), "origin": rw.origin, "hostname": rw.hostname},
     }

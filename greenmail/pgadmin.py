@@ -72,6 +72,18 @@ class PgAdmin:
         return PgIncoming(self.connection, sender, recipients, trace, self.rewriter, os.getuid())
 
     def enqueue(self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO) -> str:
+        """One message: through libpq alone when it can (pgsubmit.py: no psycopg to import), else psycopg."""
+        if self._conn is not None:  # a connection is open already: use it
+            return self.enqueue_stream(sender, recipients, message)
+        from greenmail.pgsubmit import Submitter
+
+        pf = str(self.password_file) if self.password_file else None
+        return Submitter(self.dsn, pf, self.rewriter, self.enqueue_stream).enqueue(
+            sender, recipients, message
+        )
+
+    def enqueue_stream(self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO) -> str:
+        """One message through psycopg, read in chunks."""
         return self.enqueue_many([(sender, recipients, message)])[0]
 
     def enqueue_many(self, messages: Iterable[Message]) -> list[str]:

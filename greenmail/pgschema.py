@@ -37,7 +37,7 @@ CREATE TABLE greenmail_messages (
     lease_until  timestamptz,                  -- its claim ends then unless renewed
     lease_token  bigint                        -- fences that claim's settlement
 );
-CREATE INDEX greenmail_messages_due ON greenmail_messages (next_attempt) WHERE status = 'queued';
+CREATE INDEX greenmail_messages_due ON greenmail_messages (next_attempt, queued_at) WHERE status = 'queued';
 CREATE INDEX greenmail_messages_leases ON greenmail_messages (lease_until) WHERE status = 'active';
 CREATE SEQUENCE greenmail_lease_tokens;
 

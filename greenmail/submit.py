@@ -16,6 +16,7 @@ from greenmail.exits import EX_CONFIG, EX_DATAERR, EX_TEMPFAIL, fail, load_confi
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from greenmail.dropoff import Dropoff
+    from greenmail.pgsubmit import Submitter
 
 
 def enqueue(config_path: str | None, sender: str, recipients: tuple[str, ...]) -> None:
@@ -44,15 +45,24 @@ def is_tempfail(e: Exception) -> bool:
     return "cannot write" in str(e) or "cannot create" in str(e) or "free queue id" in str(e)
 
 
-def _fast_queue(config_path: str | None) -> Dropoff | None:
-    """The spool from the settings cached beside the configuration (no parsing); None without a cache."""
+def _fast_queue(config_path: str | None) -> Dropoff | Submitter | None:
+    """The queue from the settings cached beside the configuration (no parsing); None without a cache."""
     from greenmail import confcache
 
     file = confcache.find(config_path)
     settings = confcache.read(file) if file else None
-    if settings is None or settings.get("backend", "spool") != "spool":
-        return None  # no cache, or the shared queue: the full configuration and its backend
+    if settings is None:
+        return None
     from greenmail.addresses import Rewriter
+
+    if settings.get("backend", "spool") != "spool":
+        if not settings.get("dsn"):
+            return None  # a password in the DSN: not cached, so the full configuration
+        from greenmail.pgsubmit import Submitter
+
+        return Submitter(
+            settings["dsn"], settings.get("password_file"), Rewriter(**settings.get("addresses", {}))
+        )
     from greenmail.dropoff import Dropoff
     from greenmail.errors import SpoolError
 

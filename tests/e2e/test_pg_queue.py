@@ -81,6 +81,15 @@ def enqueue_numbered(dsn: str, n: int) -> None:
     )
 
 
+def start_nodes(configs: list[Path], tmp_path: Path) -> list[support.Process]:
+    """The schema made, then a daemon per configuration, each waited for until it has started."""
+    assert support.greenmail("queue", "init", config=configs[0]).returncode == 0
+    nodes = [support.daemon(c, tmp_path / f"n{i}.log") for i, c in enumerate(configs, 1)]
+    for node in nodes:
+        support.wait_until(lambda node=node: "greenmail started" in node.text(), 15, what="a node's start")
+    return nodes
+
+
 def subjects(relay: Relay) -> Counter[str]:
     out: Counter[str] = Counter()
     for m in relay.messages():
@@ -287,14 +296,9 @@ def test_three_nodes_drain_one_queue_and_send_every_message_exactly_once(
     tmp_path: Path, pg_dsn: str, relay: Relay
 ) -> None:
     configs = [node_config(tmp_path / f"n{i}", pg_dsn, relay.port, node=f"n{i}") for i in (1, 2, 3)]
-    assert support.greenmail("queue", "init", config=configs[0]).returncode == 0
     n = 300
-    nodes = [support.daemon(c, tmp_path / f"n{i}.log") for i, c in enumerate(configs, 1)]
+    nodes = start_nodes(configs, tmp_path)
     try:
-        for node in nodes:
-            support.wait_until(
-                lambda node=node: "greenmail started" in node.text(), 15, what="a node's start"
-            )
         enqueue_numbered(pg_dsn, n)
         support.wait_until(lambda: relay.count() >= n, 60, interval=0.2, what=f"{n} messages at the relay")
         support.wait_until(lambda: psql(pg_dsn, "SELECT count(*) FROM greenmail_messages") == "0", 15)
@@ -473,13 +477,8 @@ def test_the_rate_limit_is_a_total_for_the_whole_cluster(tmp_path: Path, pg_dsn:
         )
         for i in (1, 2)
     ]
-    assert support.greenmail("queue", "init", config=configs[0]).returncode == 0
-    nodes = [support.daemon(c, tmp_path / f"n{i}.log") for i, c in enumerate(configs, 1)]
+    nodes = start_nodes(configs, tmp_path)
     try:
-        for node in nodes:
-            support.wait_until(
-                lambda node=node: "greenmail started" in node.text(), 15, what="a node's start"
-            )
         enqueue_numbered(pg_dsn, n)
         support.wait_until(lambda: relay.count() >= n, 30, interval=0.1, what=f"{n} messages at the relay")
         times = sorted(p.stat().st_mtime for p in relay.out.glob("[0-9]*.json"))
@@ -504,11 +503,8 @@ def test_cluster_max_connections_caps_the_connections_of_all_nodes_together(
                         delivery={"max_connections": 10, "cluster_max_connections": 3})
             for i in (1, 2)
         ]  # fmt: skip
-        assert support.greenmail("queue", "init", config=configs[0]).returncode == 0
-        nodes = [support.daemon(c, tmp_path / f"n{i}.log") for i, c in enumerate(configs, 1)]
+        nodes = start_nodes(configs, tmp_path)
         try:
-            for node in nodes:
-                support.wait_until(lambda node=node: "greenmail started" in node.text(), 15, what="a start")
             enqueue_numbered(pg_dsn, 30)
             support.wait_until(lambda: len(fault.messages) >= 30, 60, interval=0.1, what="30 messages sent")
             support.wait_until(lambda: psql(pg_dsn, "SELECT count(*) FROM greenmail_messages") == "0", 10)
@@ -524,3 +520,66 @@ def test_cluster_max_connections_caps_the_connections_of_all_nodes_together(
         finally:
             for node in nodes:
                 assert node.stop() == 0, node.text()
+
+
+def test_sendmail_and_mailq_work_on_the_shared_queue(cfg: Path, pg_dsn: str) -> None:
+    msg = b"To: someone@example.net, ops\nSubject: from php\n\nbody\n"
+    r = support.greenmail("sendmail", "-C", str(cfg), "-t", "-i", "-f", "www@example.org", stdin=msg)
+    assert r.returncode == 0, r.stderr
+    [m] = listed(cfg)
+    assert m["sender"] == "www@example.org" and m["recipients"] == ["someone@example.net", "ops@example.org"]
+    q = support.greenmail("sendmail", "-C", str(cfg), "-bp")
+    assert q.returncode == 0 and m["id"] in q.stdout.decode() and "1 Request" in q.stdout.decode()
+    assert psql(pg_dsn, "SELECT uid FROM greenmail_messages") == "0"
+
+
+def test_enqueue_needs_no_psycopg_and_a_big_message_still_arrives_whole(
+    tmp_path: Path, cfg: Path, pg_dsn: str
+) -> None:
+    """A process per message: `greenmail enqueue` stores through libpq alone (psycopg made
+    unimportable here), from the settings cache; a message too big to hold in memory goes the
+    psycopg way, streamed."""
+    blocker = tmp_path / "no-psycopg"
+    (blocker / "psycopg").mkdir(parents=True)
+    (blocker / "psycopg" / "__init__.py").write_text("raise ImportError('psycopg is not to be imported')\n")
+    env = {**support.env(), "PYTHONPATH": f"{blocker}:{support.env()['PYTHONPATH']}"}
+    cmd = [
+        *support.GREENMAIL,
+        "enqueue",
+        "--config",
+        str(cfg),
+        "--from",
+        "a@example.org",
+        "--to",
+        "b@example.net",
+    ]
+    for _ in range(2):  # the first loads the configuration and leaves the cache, the second reads it
+        r = subprocess.run(cmd, input=b"Subject: light\n\nx\n", capture_output=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+    assert len(listed(cfg)) == 2
+    big = b"Subject: big\n\n" + b"z" * 70 + b"\n"
+    big += (b"z" * 70 + b"\n") * (9 * 1024 * 1024 // 71)  # over the 8 MiB held in memory
+    r = subprocess.run(cmd, input=big, capture_output=True, env=support.env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    qid = r.stdout.decode().strip()
+    shown = support.greenmail("queue", "show", qid, config=cfg, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.endswith(big[len(b"Subject: big\n") :])
+    size = int(psql(pg_dsn, f"SELECT size FROM greenmail_messages WHERE id = '{qid}'"))
+    assert size > 9 * 1024 * 1024 and psql(
+        pg_dsn, f"SELECT count(*) FROM greenmail_chunks WHERE message_id = '{qid}'"
+    ) == str((size + 65535) // 65536)
+
+
+def test_a_password_in_the_dsn_never_reaches_the_settings_cache_or_the_log(
+    tmp_path: Path, relay: Relay
+) -> None:
+    path = node_config(tmp_path / "n1", "postgresql://greenmail:s3cret-pw@127.0.0.1:1/x", relay.port)
+    r = support.greenmail("config", "check", config=path)
+    assert r.returncode == 0 and b"s3cret-pw" not in r.stdout and b"greenmail:***@127.0.0.1" in r.stdout
+    e = support.greenmail(
+        "enqueue", "--from", "a@example.org", "--to", "b@example.net", config=path, stdin=b"x\n"
+    )
+    assert e.returncode == 75 and b"s3cret-pw" not in e.stderr  # nothing listens on port 1
+    files = [f for f in path.parent.iterdir() if f.is_file()]
+    assert any(f.name.endswith(".cache") for f in files), files  # the full load left its cache
+    assert [f for f in files if b"s3cret-pw" in f.read_bytes()] == [path]
