@@ -53,6 +53,8 @@ def measure_drain(
         sink = SmtpSink(ctx.port, ctx.rundir / "sink.log", delay, maxconn=max(1000, 2 * conns + 100)).start()
         sampler = Sampler([sink.pid])
         cpu0 = tree_cpu([sink.pid])
+        db_cpu = getattr(peer, "db_cpu", None)  # a peer with a database server of its own
+        db0 = db_cpu() if db_cpu else 0.0
         t0 = time.monotonic()
         proc = peer.drain(n, conns)
         sampler.start()
@@ -78,6 +80,7 @@ def measure_drain(
             time.sleep(0.01)
         t1 = time.monotonic()
         cpu = tree_cpu([sink.pid]) - cpu0
+        db = db_cpu() - db0 if db_cpu else None
         sampler.finish()
         time.sleep(0.5)  # late duplicates would show now
         delivered = sink.count()
@@ -90,6 +93,7 @@ def measure_drain(
             wall_s=wall,
             msg_per_s=n / wall if status == "ok" else None,
             cpu_s=cpu,
+            db_cpu_s=db,
             peak_rss_mb=sampler.peak_rss_kb / 1024,
             peak_pss_mb=sampler.peak_pss / 1024,
             procs=sampler.max_procs,

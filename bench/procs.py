@@ -17,6 +17,8 @@ from typing import Any, BinaryIO
 from bench.base import log
 
 TRACKED: set[int] = set()  # PIDs owned by a Popen object: the orphan reaper leaves them alone
+SERVICES: set[int] = set()  # roots of services that live for the whole run (the shared queue's database):
+# never strays, and their CPU is not the peer's (a peer reads it itself)
 
 
 def become_subreaper() -> None:
@@ -70,14 +72,21 @@ def proc_table() -> dict[int, tuple[int, str]]:
 
 
 def tree(exclude: Iterable[int] = (), table: dict[int, tuple[int, str]] | None = None) -> dict[int, str]:
-    """Our descendants {pid: state}, without the subtrees rooted at ``exclude`` (the sink)."""
+    """Our descendants {pid: state}, without the subtrees rooted at ``exclude`` (the sink) and SERVICES."""
+    return descendants(os.getpid(), set(exclude) | SERVICES, table)
+
+
+def descendants(
+    root: int, skip: Iterable[int] = (), table: dict[int, tuple[int, str]] | None = None
+) -> dict[int, str]:
+    """The processes below ``root`` {pid: state}, without the subtrees rooted at ``skip``."""
+    skip = set(skip)
     table = proc_table() if table is None else table
     kids: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         kids.setdefault(ppid, []).append(pid)
-    skip = set(exclude)
     out: dict[int, str] = {}
-    stack = [os.getpid()]
+    stack = [root]
     while stack:
         for c in kids.get(stack.pop(), ()):
             if c not in skip and c not in out:

@@ -26,6 +26,9 @@ def _sort_key(item: tuple[tuple[str, ...], list[Row]]) -> tuple[float, float, fl
     order = [
         "greenmail",
         "greenmail_p2",
+        "greenmail_pg",
+        "greenmail_pg2",
+        "greenmail_pg3",
         "postfix",
         "postfix_conns",
         "nullmailer",
@@ -63,9 +66,9 @@ def render(rows: list[Row], env: str = "") -> str:
         out += [
             "### Drain: N queued messages -> smtp-sink",
             "",
-            "| peer | N | conns | runs | msg/s | min-max | drain s | 1st msg s | CPU s | peak RSS MB "
-            "| peak PSS MB | procs | SMTP sessions | enqueue s (how) | delivered |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+            "| peer | N | conns | runs | msg/s | min-max | drain s | 1st msg s | CPU s | DB CPU s "
+            "| peak RSS MB | peak PSS MB | procs | SMTP sessions | enqueue s (how) | delivered |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
         ]
         for (peer, n, conns, _), rs in drains:
             ok = [r for r in rs if r["status"] == "ok"] or rs
@@ -75,8 +78,9 @@ def render(rows: list[Row], env: str = "") -> str:
             out.append(
                 f"| {peer} | {n} | {conns} | {len(rs)} | {rate} | {mm} | {_f(_med(ok, 'wall_s'), 2)} "
                 f"| {_f(_med(ok, 'first_s'), 2)} "
-                f"| {_f(_med(ok, 'cpu_s'))} | {_f(_med(ok, 'peak_rss_mb'))} | {_f(_med(ok, 'peak_pss_mb'))} "
-                f"| {_f(_med(ok, 'procs'), 0)} | {_f(_med(ok, 'sessions'), 0)} "
+                f"| {_f(_med(ok, 'cpu_s'))} | {_f(_med(ok, 'db_cpu_s'))} | {_f(_med(ok, 'peak_rss_mb'))} "
+                f"| {_f(_med(ok, 'peak_pss_mb'))} | {_f(_med(ok, 'procs'), 0)} "
+                f"| {_f(_med(ok, 'sessions'), 0)} "
                 f"| {_f(enq) + ' (' + how + ')' if enq is not None else '-'} | {_delivered(rs)} |"
             )
         out.append("")

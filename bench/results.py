@@ -16,7 +16,8 @@ Row = dict[str, str]
 
 FIELDS = [
     "workload", "peer", "n", "conns", "delay_s", "run", "status", "delivered", "wall_s", "msg_per_s",
-    "first_s", "cpu_s", "peak_rss_mb", "peak_pss_mb", "procs", "sessions", "enqueue_s", "enqueue_how",
+    "first_s", "cpu_s", "db_cpu_s", "peak_rss_mb", "peak_pss_mb", "procs", "sessions", "enqueue_s",
+    "enqueue_how",
     "queued_s",
     "call_p50_ms", "call_p99_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms", "idle_rss_mb", "growth_mb",
     "note", "time",

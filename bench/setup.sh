@@ -8,6 +8,8 @@
 #   dma          they are fetched with `apt-get download` and unpacked with
 #                `dpkg -x` into $BENCH_WORK/pkg/<name>; run.py runs them in a
 #                private mount namespace (bench/mntns.sh).
+#   postgresql-15  the server binaries for the greenmail_pg peers (run.py starts a private
+#                server of its own; tests/pgserver.py), and psycopg in the venv.
 #   greenmail    the project venv (.venv) with greenmail installed editable,
 #                plus py-spy for `run.py profile` (bench-only, not a runtime dep).
 set -euo pipefail
@@ -22,7 +24,7 @@ step() { echo "== $*"; }
 step "apt packages"
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 need=()
-for p in postfix python3 python3-venv util-linux iproute2 procps; do
+for p in postfix python3 python3-venv util-linux iproute2 procps postgresql-15; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -62,6 +64,7 @@ if [ ! -x "$repo/.venv/bin/python" ]; then
 fi
 "$repo/.venv/bin/python" -c 'import greenmail' 2>/dev/null || "$repo/.venv/bin/pip" install -q -e "$repo" --config-settings editable_mode=compat && "$repo/.venv/bin/python" -m compileall -q "$repo/greenmail"
 [ -x "$repo/.venv/bin/py-spy" ] || "$repo/.venv/bin/pip" install -q py-spy
+"$repo/.venv/bin/python" -c 'import psycopg' 2>/dev/null || "$repo/.venv/bin/pip" install -q "psycopg[binary]>=3.2,<4"
 
 step "self-check: mount namespace with overlay /etc"
 t=$(mktemp -d "$work/probe.XXXX")
