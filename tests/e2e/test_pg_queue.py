@@ -583,3 +583,21 @@ def test_a_password_in_the_dsn_never_reaches_the_settings_cache_or_the_log(
     files = [f for f in path.parent.iterdir() if f.is_file()]
     assert any(f.name.endswith(".cache") for f in files), files  # the full load left its cache
     assert [f for f in files if b"s3cret-pw" in f.read_bytes()] == [path]
+
+
+def test_several_delivery_processes_are_nodes_of_their_own(tmp_path: Path, pg_dsn: str, relay: Relay) -> None:
+    path = node_config(tmp_path / "n1", pg_dsn, relay.port, delivery={"processes": 2, "max_connections": 4})
+    [d] = start_nodes([path], tmp_path)
+    try:
+        nodes = "SELECT string_agg(name, ',' ORDER BY name) FROM greenmail_nodes"
+        support.wait_until(lambda: psql(pg_dsn, nodes) == "n1/0,n1/1", 15, what="both delivery processes")
+        enqueue_numbered(pg_dsn, 1000)
+        support.wait_until(lambda: relay.count() >= 1000, 60, interval=0.1, what="1000 messages at the relay")
+        support.wait_until(lambda: psql(pg_dsn, "SELECT count(*) FROM greenmail_messages") == "0", 10)
+        assert subjects(relay) == Counter({f"m{i}": 1 for i in range(1, 1001)})
+    finally:
+        assert d.stop() == 0, d.text()
+    senders = {
+        line.split("[", 1)[1].split("]", 1)[0] for line in d.text().splitlines() if "status=sent" in line
+    }
+    assert len(senders) == 2, senders  # both processes sent (the pid in each mail log line)
