@@ -23,8 +23,11 @@ IDLE_IN_TRANSACTION = 60_000  # milliseconds a transaction may sit idle before t
 
 
 def psycopg(cooperative: bool) -> ModuleType:
-    """The psycopg module; ``cooperative``: its waits yield to gevent's hub (the daemon)."""
-    if cooperative and "psycopg" not in sys.modules:
+    """The psycopg module; ``cooperative``: its waits must yield to gevent's hub (the daemon).
+
+    Imported after gevent patched ``select`` in every process, commands too: a command may go on
+    to run the daemon in the same process (`sendmail -q` with no daemon running)."""
+    if "psycopg" not in sys.modules:
         from gevent import monkey
 
         monkey.patch_select()

@@ -601,3 +601,10 @@ def test_several_delivery_processes_are_nodes_of_their_own(tmp_path: Path, pg_ds
         line.split("[", 1)[1].split("]", 1)[0] for line in d.text().splitlines() if "status=sent" in line
     }
     assert len(senders) == 2, senders  # both processes sent (the pid in each mail log line)
+
+
+def test_sendmail_q_with_no_node_running_delivers_the_queue_itself(cfg: Path, relay: Relay) -> None:
+    support.enqueue(cfg, b"Subject: queued\n\nx\n")
+    r = support.greenmail("sendmail", "-C", str(cfg), "-q")
+    assert r.returncode == 0, r.stderr
+    assert subjects(relay) == {"queued": 1} and listed(cfg) == []
