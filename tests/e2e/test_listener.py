@@ -63,6 +63,8 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
     if s.daemon is not None:
         s.daemon.stop()
     relay.stop()
+    if s.relay is not relay:  # a test started another in its place
+        s.relay.stop()
 
 
 def recv_reply(s: socket.socket) -> bytes:
