@@ -89,6 +89,7 @@ class PgQueue:
         self._buffer: deque[PgClaim] = deque()  # claimed, not yet handed to a session
         self._claims: dict[int, PgClaim] = {}  # ours by lease token: in the buffer or being delivered
         self._due = 0  # due messages in the queue, as last counted
+        self._arrivals = 0  # received{source="local"}, not yet reported
         self._next_due: float | None = None
         self._renewed = 0.0  # monotonic time of the last renewal of our leases (or of the claims)
         self._control: Any = None  # holds the node's advisory lock; LISTENs
@@ -204,7 +205,9 @@ class PgQueue:
         return self._next_due
 
     def take_arrivals(self) -> int:
-        return 0  # received{source="local"} counts the spool's pickups only
+        """New messages not taken by a listener, first claimed here since the last call (metrics)."""
+        n, self._arrivals = self._arrivals, 0
+        return n
 
     # -- claims --------------------------------------------------------------------
 
@@ -231,15 +234,16 @@ class PgQueue:
         older_sql = " AND queued_at < to_timestamp(%(older)s)" if older is not None else ""
         with self.pool.connection() as conn:
             rows = conn.execute(
-                "WITH picked AS (SELECT id FROM greenmail_messages WHERE status = 'queued'"
+                "WITH picked AS (SELECT id, seen FROM greenmail_messages WHERE status = 'queued'"
                 f" AND next_attempt <= clock_timestamp(){older_sql} ORDER BY next_attempt, queued_at"
                 " LIMIT %(n)s FOR UPDATE SKIP LOCKED)"
                 " UPDATE greenmail_messages m SET status = 'active', lease_owner = %(node)s,"
                 " lease_until = clock_timestamp() + %(lease)s * interval '1 second',"
-                " lease_token = nextval('greenmail_lease_tokens') FROM picked WHERE m.id = picked.id"
+                " lease_token = nextval('greenmail_lease_tokens'), seen = true"
+                " FROM picked WHERE m.id = picked.id"
                 f" RETURNING {MESSAGE_COLUMNS}, m.lease_token,"
                 " (SELECT c.data FROM greenmail_chunks c WHERE c.message_id = m.id AND c.seq = 0"
-                "  AND m.size <= %(small)s)",
+                "  AND m.size <= %(small)s), NOT picked.seen, m.source",
                 {"n": n, "node": self.node, "lease": self.lease, "older": older, "small": IN_CLAIM},
             ).fetchall()
         self._fine()
@@ -269,8 +273,9 @@ class PgQueue:
             taken=time.monotonic(),
         )
         self._claims[claim.token] = claim
-        if not attempts and not claim.state.recipients:  # entering the queue: the first attempt
+        if row[14]:  # entering the queue: the first claim by any node
             maillog.emit(log, *maillog.queue_entry(qid, sender, size, len(claim.recipients), uid))
+            self._arrivals += row[15] == "local"  # the listener's were counted as it took them
         return claim
 
     def leases_valid(self) -> bool:
@@ -313,7 +318,7 @@ class PgQueue:
 
     def incoming(self, sender: str, recipients: Sequence[str], trace: Any = None) -> PgIncoming:
         """A message written chunk by chunk (the listener, in a thread: its own connection to commit)."""
-        return PgIncoming(self._own_connection, sender, recipients, trace)
+        return PgIncoming(self._own_connection, sender, recipients, trace, source="smtp")
 
     def _own_connection(self) -> Any:
         return self.pool.open()
@@ -380,8 +385,8 @@ class PgQueue:
                     if "wake" in payloads:
                         poked()
                     before = self.due()
-                    if self.refresh() > before or (payloads and self.due()):
-                        woken()
+                    if self.refresh() > before or (payloads and self.due()) or self._arrivals:
+                        woken()  # (which also reports the arrivals)
                     self._fine()
             except (GreenmailError, self.pool.pg.Error) as e:
                 self._trouble(e if isinstance(e, GreenmailError) else QueueUnavailable(str(e).strip()))

@@ -118,6 +118,12 @@ CREATE TABLE greenmail_limits (
     tat  double precision NOT NULL          -- seconds since the epoch
 );
 
+-- How a message came (the listener's are counted as received{source="smtp"} by the node that
+-- took them, the others as "local" by the node that claims them first) and whether a node has.
+ALTER TABLE greenmail_messages
+    ADD COLUMN source text NOT NULL DEFAULT 'local' CHECK (source IN ('local', 'smtp')),
+    ADD COLUMN seen boolean NOT NULL DEFAULT false;
+
 -- delivery.cluster_max_connections (pglimits.py): the connections each node may have open now,
 -- a lease renewed by its heartbeat.
 CREATE TABLE greenmail_slots (

@@ -46,9 +46,11 @@ class PgIncoming:
         trace: Callable[[str], bytes] | None = None,
         rewriter: Rewriter | None = None,
         uid: int | None = None,
+        source: str = "local",
     ) -> None:
         self.connect = connect
         self.uid = uid  # the submitting user (a command's), for the queue-entry log line
+        self.source = source  # "smtp": the listener's (counted as received when it took it)
         env = Envelope(sender, recipients, rewriter)
         self.sender, self.recipients = env.sender, env.recipients
         self.id = layout.new_id()
@@ -72,6 +74,7 @@ class PgIncoming:
                     size,
                     self._body.eight_bit,
                     self.uid,
+                    self.source,
                 )
         finally:
             self._file.close()
@@ -90,11 +93,13 @@ def store(
     size: int,
     eight_bit: bool,
     uid: int | None = None,
+    source: str = "local",
 ) -> None:
     """Insert one message's rows (inside the caller's transaction); ``body`` is read in chunks."""
     conn.execute(
-        "INSERT INTO greenmail_messages (id, sender, size, eight_bit, uid) VALUES (%s, %s, %s, %s, %s)",
-        (qid, sender, size, eight_bit, uid),
+        "INSERT INTO greenmail_messages (id, sender, size, eight_bit, uid, source)"
+        " VALUES (%s, %s, %s, %s, %s, %s)",
+        (qid, sender, size, eight_bit, uid, source),
     )
     conn.execute(
         "INSERT INTO greenmail_recipients (message_id, position, address)"

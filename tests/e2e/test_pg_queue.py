@@ -394,7 +394,7 @@ def healthz(port: int) -> int:
         return 0
 
 
-def test_the_listener_writes_into_the_shared_queue_and_metrics_count_the_whole_queue(
+def test_the_listener_writes_into_the_shared_queue_and_metrics_count_it(
     tmp_path: Path, pg_dsn: str, relay: Relay
 ) -> None:
     import smtplib
@@ -428,6 +428,27 @@ def test_the_listener_writes_into_the_shared_queue_and_metrics_count_the_whole_q
             return 'greenmail_spool_messages{state="held"} 1.0' in text
 
         support.wait_until(held_gauge, 10, what="the held message in the queue's gauge")
+        enqueue_numbered(pg_dsn, 2)  # from an application: received{source="local"}
+        support.wait_until(lambda: relay.count() >= 3, 10, what="the application's two messages")
+
+        def received() -> list[str]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+                return [
+                    ln
+                    for ln in r.read().decode().splitlines()
+                    if ln.startswith("greenmail_messages_received")
+                ]
+
+        want = [
+            'greenmail_messages_received_total{source="smtp"} 1.0',
+            'greenmail_messages_received_total{source="local"} 2.0',
+        ]
+        try:
+            support.wait_until(
+                lambda: all(w in received() for w in want), 10, what="received: 1 by SMTP, 2 local"
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {received()}") from None
     finally:
         assert d.stop() == 0, d.text()
 
