@@ -32,7 +32,7 @@ from greenmail.pgstore import MESSAGE_COLUMNS, PgIncoming, open_body, state_of
 from greenmail.queue import Claim
 
 log = logging.getLogger("greenmail.queue")
-BATCH = 32  # messages claimed in one round trip at most (and no more than the node's connections)
+BATCH = 32  # messages claimed in one round trip at most
 POLL = 1.0  # seconds between looks for due mail when no notification came
 COUNT_CAP = 10_000  # due messages counted at most (more than any node opens sessions for)
 IN_CLAIM = 32 * 1024  # messages up to this size come with their claim (one chunk)
@@ -216,11 +216,16 @@ class PgQueue:
             return None
         if not self._buffer and self._due > 0:
             try:
-                self._claim(min(self.batch, self._due), None)
+                self._claim(self._batch_size(), None)
             except GreenmailError as e:
                 self._trouble(e)
                 return None
         return self._buffer.popleft() if self._buffer else None
+
+    def _batch_size(self) -> int:
+        """How many to claim now: the sessions' worth, more when much is due (fewer round trips;
+        a small burst is still shared between the nodes)."""
+        return min(self._due, max(self.batch, min(BATCH, self._due // 8)))
 
     def take_older(self, than: float) -> list[Claim]:
         try:
