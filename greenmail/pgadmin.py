@@ -19,8 +19,8 @@ from typing import Any, BinaryIO
 from greenmail import pgdb, pgschema
 from greenmail.addresses import Rewriter
 from greenmail.errors import MessageBusy, NotFound, QueueUnavailable
-from greenmail.pgstore import MESSAGE_COLUMNS, PgIncoming, info, iso, open_body
-from greenmail.queue import Message, MessageInfo
+from greenmail.pgstore import MESSAGE_COLUMNS, PgIncoming, info, open_body
+from greenmail.queue import Message, MessageInfo, relay_waiting
 
 ALIVE = 120  # seconds since a node's last heartbeat for it to count as running (wake())
 
@@ -220,4 +220,4 @@ def _waiting(conn: Any) -> str | None:
         " ORDER BY outage_since LIMIT 1",
         (ALIVE,),
     ).fetchone()
-    return f"relay unreachable since {iso(row[0])}: {row[1]}" if row else None
+    return relay_waiting(row[0], row[1]) if row else None

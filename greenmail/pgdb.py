@@ -10,8 +10,8 @@ Must not touch: the schema, the queue's rows, SMTP.
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -48,37 +48,38 @@ def _waits_cooperate() -> bool:
     return monkey.is_module_patched("select")
 
 
-def conninfo(dsn: str, password_file: Path | None, application: str) -> dict[str, Any]:
-    """The connection's keyword arguments: ``dsn`` plus the password file's first line and the timeouts."""
-    kwargs: dict[str, Any] = {
-        "conninfo": dsn,
+def keywords(password_file: str | os.PathLike[str] | None, application: str) -> dict[str, str]:
+    """libpq's connection keywords besides the DSN: the timeouts, and the password file's first line."""
+    keys = {
         "application_name": application,
-        "connect_timeout": CONNECT_TIMEOUT,
-        "keepalives": 1,
-        "keepalives_idle": 30,
-        "keepalives_interval": 10,
-        "keepalives_count": 3,
+        "connect_timeout": str(CONNECT_TIMEOUT),
+        "keepalives": "1",
+        "keepalives_idle": "30",
+        "keepalives_interval": "10",
+        "keepalives_count": "3",
         "options": f"-c statement_timeout={STATEMENT_TIMEOUT}"
         f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION}",
     }
     if password_file is not None:
         try:
-            kwargs["password"] = (
-                password_file.read_text().splitlines()[0] if password_file.stat().st_size else ""
-            )
-        except (OSError, IndexError, UnicodeDecodeError) as e:
+            with open(password_file, encoding="utf-8") as f:
+                keys["password"] = f.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"queue.password_file: cannot read {password_file}: {e}") from None
-    return kwargs
+    return keys
 
 
 def connect(
-    dsn: str, password_file: Path | None, application: str = "greenmail", cooperative: bool = False
+    dsn: str,
+    password_file: str | os.PathLike[str] | None,
+    application: str = "greenmail",
+    cooperative: bool = False,
 ) -> Any:
     """An autocommit connection (a transaction only where ``with conn.transaction()`` says);
     QueueUnavailable when PostgreSQL cannot be reached (the message names why, never the password)."""
     pg = psycopg(cooperative)
     try:
-        return pg.connect(autocommit=True, **conninfo(dsn, password_file, application))
+        return pg.connect(dsn, autocommit=True, **keywords(password_file, application))
     except pg.Error as e:
         raise QueueUnavailable(f"PostgreSQL is unavailable: {first_line(e)}") from None
 

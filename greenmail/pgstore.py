@@ -14,13 +14,12 @@ import io
 import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime
 from typing import Any
 
 from greenmail import layout
 from greenmail.addresses import Rewriter
 from greenmail.dropoff import Envelope, Head
-from greenmail.queue import MessageInfo, State
+from greenmail.queue import MessageInfo, State, iso_time
 
 CHUNK = 64 * 1024  # bytes per row of greenmail_chunks
 IN_MEMORY = 1024 * 1024  # a message being written stays in memory up to this size, then in a temp file
@@ -172,13 +171,9 @@ def info(row: Sequence[Any], waiting: str | None = None) -> MessageInfo:
         recipients=[r[0] for r in rcpts],
         size=size,
         attempts=attempts,
-        queued_at=iso(queued_at),
-        next_attempt=iso(next_at) if next_at and status == "queued" else None,
+        queued_at=iso_time(queued_at),
+        next_attempt=iso_time(next_at) if next_at and status == "queued" else None,
         last_error=last_error,
         recipient_states={r[0]: r[1] for r in rcpts},
         waiting=waiting if status == "queued" else None,
     )
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

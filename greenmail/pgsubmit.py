@@ -21,6 +21,7 @@ import os
 from greenmail import layout
 from greenmail.dropoff import Envelope, Head
 from greenmail.errors import ConfigError, QueueUnavailable
+from greenmail.pgdb import keywords
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -100,18 +101,7 @@ def submit(
     """Store one message; its queue id. QueueUnavailable (try later), ConfigError (no schema), TooBig."""
     qid = layout.new_id()
     body = read_message(message, envelope, qid)
-    keys = {
-        "dbname": dsn,
-        "application_name": "greenmail command",
-        "connect_timeout": "10",
-        "options": "-c statement_timeout=30000",
-    }
-    if password_file:
-        try:
-            with open(password_file, encoding="utf-8") as f:
-                keys["password"] = f.readline().rstrip("\n")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"queue.password_file: cannot read {password_file}: {e}") from None
+    keys = {"dbname": dsn, **keywords(password_file, "greenmail command")}  # dbname: may be a DSN
     names = (ctypes.c_char_p * (len(keys) + 1))(*[k.encode() for k in keys], None)
     values = (ctypes.c_char_p * (len(keys) + 1))(*[v.encode() for v in keys.values()], None)
     conn = lib.PQconnectdbParams(names, values, 1)  # 1: dbname may be a connection string

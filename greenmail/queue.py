@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any, BinaryIO, Protocol
 
 from greenmail.errors import CorruptQueueFile
@@ -102,6 +103,16 @@ class Claim:
         """The first ``limit`` bytes of the message (for notifications); blocking I/O."""
         with self.open_body() as f:
             return f.read(limit)
+
+
+def iso_time(ts: float) -> str:
+    """A time as ``queue list`` shows it: ISO 8601, UTC, to the second."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def relay_waiting(since: float, why: str) -> str:
+    """MessageInfo.waiting while the relay cannot be reached."""
+    return f"relay unreachable since {iso_time(since)}: {why}"
 
 
 @dataclass

@@ -14,13 +14,12 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from greenmail.errors import CorruptQueueFile, MessageBusy, NotFound
 from greenmail.layout import ACTIVE, FAILED, HOLD, META, OUTGOING, TMP, fsync_dir, id_time, rename_new
-from greenmail.queue import MessageInfo, State
+from greenmail.queue import MessageInfo, State, iso_time, relay_waiting
 from greenmail.queuefile import Entry, format_name, parse_name, read_envelope
 
 if TYPE_CHECKING:
@@ -37,10 +36,6 @@ class Located:
 
     def path(self, spool: Spool) -> Path:
         return spool.dir(self.directory) / self.name
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _locate_all(
@@ -94,8 +89,8 @@ def describe(spool: Spool, loc: Located) -> MessageInfo:
         recipients=rcpts,
         size=size,
         attempts=e.attempts,
-        queued_at=_iso(min(id_time(e.id) or st.st_mtime, st.st_mtime)),
-        next_attempt=_iso(e.next_at) if e.next_at and kind in ("queued", "deferred") else None,
+        queued_at=iso_time(min(id_time(e.id) or st.st_mtime, st.st_mtime)),
+        next_attempt=iso_time(e.next_at) if e.next_at and kind in ("queued", "deferred") else None,
         last_error=error,
         recipient_states={r: state.recipients.get(r, "pending") for r in rcpts},
     )
@@ -103,7 +98,7 @@ def describe(spool: Spool, loc: Located) -> MessageInfo:
 
 def list_messages(spool: Spool) -> list[MessageInfo]:
     outages = spool.relay_outages()
-    waiting = f"relay unreachable since {_iso(outages[0][0])}: {outages[0][1]}" if outages else None
+    waiting = relay_waiting(*outages[0]) if outages else None
     now = time.time()
     out = []
     for loc in _locate_all(spool):

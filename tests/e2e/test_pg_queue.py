@@ -629,3 +629,54 @@ def test_sendmail_q_with_no_node_running_delivers_the_queue_itself(cfg: Path, re
     r = support.greenmail("sendmail", "-C", str(cfg), "-q")
     assert r.returncode == 0, r.stderr
     assert subjects(relay) == {"queued": 1} and listed(cfg) == []
+
+
+def test_an_enqueue_killed_before_its_message_ends_leaves_nothing(cfg: Path, pg_dsn: str) -> None:
+    cmd = [
+        *support.GREENMAIL,
+        "enqueue",
+        "--config",
+        str(cfg),
+        "--from",
+        "a@example.org",
+        "--to",
+        "b@example.net",
+    ]
+    for size in (100_000, 12 * 1024 * 1024):  # held in memory; streamed through psycopg
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=support.env())
+        assert p.stdin is not None
+        p.stdin.write(b"Subject: cut\n\n" + b"x" * 70 + b"\n" * (size // 71))
+        p.stdin.flush()
+        p.kill()
+        p.wait(10)
+        p.stdin.close()
+    assert psql(pg_dsn, "SELECT count(*) FROM greenmail_messages") == "0"
+    assert psql(pg_dsn, "SELECT count(*) FROM greenmail_chunks") == "0"
+
+
+def test_a_big_enqueue_is_never_whole_in_memory(tmp_path: Path, cfg: Path, pg_dsn: str) -> None:
+    size = 64 * 1024 * 1024
+    message = tmp_path / "big.eml"
+    with open(message, "wb") as f:
+        f.write(b"Subject: big\n\n")
+        f.write((b"y" * 99 + b"\n") * (size // 100))
+    time_tool = support.need_tool("time", "time")
+    cmd = [
+        time_tool,
+        "-f",
+        "%M",
+        *support.GREENMAIL,
+        "enqueue",
+        "--config",
+        str(cfg),
+        "--from",
+        "a@example.org",
+    ]
+    with open(message, "rb") as stdin:
+        r = subprocess.run(
+            [*cmd, "--to", "b@example.net"], stdin=stdin, capture_output=True, env=support.env(), timeout=120
+        )
+    assert r.returncode == 0, r.stderr
+    peak_kb = int(r.stderr.decode().strip().splitlines()[-1])
+    assert peak_kb < 100 * 1024, peak_kb  # far below the 64 MiB message (and its copies)
+    assert int(psql(pg_dsn, "SELECT size FROM greenmail_messages")) > size
