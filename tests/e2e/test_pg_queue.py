@@ -71,6 +71,20 @@ def listed(cfg: Path) -> list[dict[str, Any]]:
     return json.loads(r.stdout)
 
 
+def enqueue_command(cfg: Path) -> list[str]:
+    """`greenmail enqueue` of one message from a@example.org to b@example.net, its stdin to come."""
+    return [
+        *support.GREENMAIL,
+        "enqueue",
+        "--config",
+        str(cfg),
+        "--from",
+        "a@example.org",
+        "--to",
+        "b@example.net",
+    ]
+
+
 def enqueue_numbered(dsn: str, n: int) -> None:
     """``n`` messages "Subject: m1" ... enqueued by one SQL statement (one notification)."""
     psql(
@@ -564,16 +578,7 @@ def test_enqueue_needs_no_psycopg_and_a_big_message_still_arrives_whole(
     (blocker / "psycopg").mkdir(parents=True)
     (blocker / "psycopg" / "__init__.py").write_text("raise ImportError('psycopg is not to be imported')\n")
     env = {**support.env(), "PYTHONPATH": f"{blocker}:{support.env()['PYTHONPATH']}"}
-    cmd = [
-        *support.GREENMAIL,
-        "enqueue",
-        "--config",
-        str(cfg),
-        "--from",
-        "a@example.org",
-        "--to",
-        "b@example.net",
-    ]
+    cmd = enqueue_command(cfg)
     for _ in range(2):  # the first loads the configuration and leaves the cache, the second reads it
         r = subprocess.run(cmd, input=b"Subject: light\n\nx\n", capture_output=True, env=env, timeout=60)
         assert r.returncode == 0, r.stderr
@@ -632,16 +637,7 @@ def test_sendmail_q_with_no_node_running_delivers_the_queue_itself(cfg: Path, re
 
 
 def test_an_enqueue_killed_before_its_message_ends_leaves_nothing(cfg: Path, pg_dsn: str) -> None:
-    cmd = [
-        *support.GREENMAIL,
-        "enqueue",
-        "--config",
-        str(cfg),
-        "--from",
-        "a@example.org",
-        "--to",
-        "b@example.net",
-    ]
+    cmd = enqueue_command(cfg)
     for size in (100_000, 12 * 1024 * 1024):  # held in memory; streamed through psycopg
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=support.env())
         assert p.stdin is not None
