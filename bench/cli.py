@@ -113,7 +113,7 @@ def main(argv: list[str], doc: str) -> int:
     res = Results(out)
     if args.resume:
         resume(ctx, res, out)
-    peers = ["greenmail"] if getattr(args, "baseline", None) else getattr(args, "peers", None)
+    peers = [args.baseline_peer] if getattr(args, "baseline", None) else getattr(args, "peers", None)
     check_setup(set(peers or names(DEFAULT_DRAIN_PEERS + "," + LIVE_PEERS)))
     lock = lock_workdir()  # noqa: F841 - held while the run lasts
     become_subreaper()
@@ -160,7 +160,8 @@ def run_command(args: argparse.Namespace, ctx: Ctx, res: Results) -> None:
         new_code = REPO if args.no_snapshot else snapshot_dir(ctx.out.name)
         if args.tree:  # one revision against another (e.g. a change alone, before later features)
             new_code = export_revision(args.tree)[0]
-        run_baseline(ctx, res, args.baseline, new_code, args.n or [10000], args.conns or [10], args.runs)
+        ns, conns = args.n or [10000], args.conns or [10]
+        run_baseline(ctx, res, args.baseline, new_code, ns, conns, args.runs, args.baseline_peer)
     elif c == "drain":
         ns, conns = args.n or [10000, 100000], args.conns or [10, 100]
         wl_drain(ctx, res, ns, conns, args.runs, args.peers, args.large_n)

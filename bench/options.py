@@ -67,6 +67,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
         "interleaved, and the ratio of their rates",
     )
     p.add_argument(
+        "--baseline-peer",
+        choices=("greenmail", "greenmail_pg"),
+        default="greenmail",
+        help="with --baseline: on the spool (greenmail) or on the shared queue (greenmail_pg)",
+    )
+    p.add_argument(
         "--tree",
         metavar="REV",
         help="with --baseline: REV's greenmail (exported like the baseline) in place of this tree's",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -48,8 +49,12 @@ def _waits_cooperate() -> bool:
     return monkey.is_module_patched("select")
 
 
-def keywords(password_file: str | os.PathLike[str] | None, application: str) -> dict[str, str]:
-    """libpq's connection keywords besides the DSN: the timeouts, and the password file's first line."""
+def keywords(
+    password_file: str | os.PathLike[str] | None, application: str, settings: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """libpq's connection keywords besides the DSN: the timeouts, the session's other ``settings``,
+    and the password file's first line."""
+    extra = "".join(f" -c {name}={value}" for name, value in (settings or {}).items())
     keys = {
         "application_name": application,
         "connect_timeout": str(CONNECT_TIMEOUT),
@@ -58,7 +63,7 @@ def keywords(password_file: str | os.PathLike[str] | None, application: str) -> 
         "keepalives_interval": "10",
         "keepalives_count": "3",
         "options": f"-c statement_timeout={STATEMENT_TIMEOUT}"
-        f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION}",
+        f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION}{extra}",
     }
     if password_file is not None:
         try:
@@ -74,12 +79,13 @@ def connect(
     password_file: str | os.PathLike[str] | None,
     application: str = "greenmail",
     cooperative: bool = False,
+    settings: Mapping[str, str] | None = None,
 ) -> Any:
     """An autocommit connection (a transaction only where ``with conn.transaction()`` says);
     QueueUnavailable when PostgreSQL cannot be reached (the message names why, never the password)."""
     pg = psycopg(cooperative)
     try:
-        return pg.connect(dsn, autocommit=True, **keywords(password_file, application))
+        return pg.connect(dsn, autocommit=True, **keywords(password_file, application, settings))
     except pg.Error as e:
         raise QueueUnavailable(f"PostgreSQL is unavailable: {first_line(e)}") from None
 

@@ -12,7 +12,7 @@ Must not touch: the schema and the queue's rows.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,16 @@ USE_TIMEOUT = (
 
 
 class Pool:
-    def __init__(self, dsn: str, password_file: Path | None, size: int, application: str) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        password_file: Path | None,
+        size: int,
+        application: str,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
         self.dsn = dsn
+        self.settings = settings  # of every connection's session
         self.password_file = password_file
         self.application = application
         self._slots = BoundedSemaphore(size)
@@ -38,7 +46,7 @@ class Pool:
 
     def open(self) -> Any:
         """A new connection of its own (the caller closes it)."""
-        return pgdb.connect(self.dsn, self.password_file, self.application, cooperative=True)
+        return pgdb.connect(self.dsn, self.password_file, self.application, True, self.settings)
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[Any]:

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import gevent
+from gevent.event import AsyncResult
 
 from greenmail import layout, maillog, pgschema
 from greenmail.errors import GreenmailError, LeaseLost, QueueUnavailable, SpoolError
-from greenmail.pgpool import Pool
+from greenmail.pgpool import USE_TIMEOUT, Pool
 from greenmail.pgsettle import Settler
 from greenmail.pgstore import MESSAGE_COLUMNS, PgIncoming, open_body, state_of
 from greenmail.queue import Claim
@@ -38,6 +39,22 @@ COUNT_CAP = 10_000  # due messages counted at most (more than any node opens ses
 IN_CLAIM = 32 * 1024  # messages up to this size come with their claim (one chunk)
 MARGIN = 0.2  # of a lease: a claim is given up this long before the lease would end
 RETRY = 1.0  # seconds between tries while PostgreSQL cannot be reached
+# A claim walks the due index in order and stops after n. The planner, whose statistics lag
+# behind a burst (a queue filled since the last ANALYZE looks nearly empty), may prefer to fetch
+# every due row and sort them: a cost that grows with the queue, paid by every claim.
+SESSION = {"enable_sort": "off"}
+CLAIM = (  # {older}: an extra condition on the due messages (expiry's)
+    "WITH picked AS (SELECT id, seen FROM greenmail_messages WHERE status = 'queued'"
+    " AND next_attempt <= clock_timestamp(){older} ORDER BY next_attempt, queued_at"
+    " LIMIT %(n)s FOR UPDATE SKIP LOCKED)"
+    " UPDATE greenmail_messages m SET status = 'active', lease_owner = %(node)s,"
+    " lease_until = clock_timestamp() + %(lease)s * interval '1 second',"
+    " lease_token = nextval('greenmail_lease_tokens'), seen = true"
+    " FROM picked WHERE m.id = picked.id"
+    f" RETURNING {MESSAGE_COLUMNS}, m.lease_token,"
+    " (SELECT c.data FROM greenmail_chunks c WHERE c.message_id = m.id AND c.seq = 0"
+    "  AND m.size <= %(small)s), NOT picked.seen, m.source"
+)
 UNLEASE = "status = 'queued', lease_owner = NULL, lease_until = NULL, lease_token = NULL"  # claim returned
 
 
@@ -83,10 +100,11 @@ class PgQueue:
         self.node = f"{node or layout.HOST}/{worker[0]}"  # one name per delivery process
         self.lease = lease
         self.worker = worker
-        self.pool = Pool(dsn, password_file, connections, f"greenmail {self.node}")
+        self.pool = Pool(dsn, password_file, connections, f"greenmail {self.node}", SESSION)
         self.settler = Settler(self.pool, self._settled, self._trouble)
         self.stopping = False
         self._buffer: deque[PgClaim] = deque()  # claimed, not yet handed to a session
+        self._claiming: AsyncResult | None = None  # the claim under way: True once it succeeded
         self._claims: dict[int, PgClaim] = {}  # ours by lease token: in the buffer or being delivered
         self._due = 0  # due messages in the queue, as last counted
         self._arrivals = 0  # received{source="local"}, not yet reported
@@ -212,15 +230,25 @@ class PgQueue:
     # -- claims --------------------------------------------------------------------
 
     def take(self) -> Claim | None:
-        if self.stopping:
-            return None
-        if not self._buffer and self._due > 0:
+        """The next claimed message. One claim at a time fills the buffer for every session that
+        asks meanwhile (claims side by side would only skip each other's locked rows)."""
+        while not self.stopping and not self._buffer and self._due > 0:
+            if self._claiming is not None:
+                if not self._claiming.wait(timeout=USE_TIMEOUT):  # it failed (or hung): none now
+                    break
+                continue  # its messages may all be taken already
+            self._claiming = claiming = AsyncResult()
             try:
                 self._claim(self._batch_size(), None)
+                claiming.set(True)
             except GreenmailError as e:
                 self._trouble(e)
-                return None
-        return self._buffer.popleft() if self._buffer else None
+                claiming.set(False)
+            finally:
+                self._claiming = None
+                if not claiming.ready():
+                    claiming.set(False)
+        return self._buffer.popleft() if self._buffer and not self.stopping else None
 
     def _batch_size(self) -> int:
         """How many to claim now: the sessions' worth, more when much is due (fewer round trips;
@@ -239,17 +267,9 @@ class PgQueue:
         older_sql = " AND queued_at < to_timestamp(%(older)s)" if older is not None else ""
         with self.pool.connection() as conn:
             rows = conn.execute(
-                "WITH picked AS (SELECT id, seen FROM greenmail_messages WHERE status = 'queued'"
-                f" AND next_attempt <= clock_timestamp(){older_sql} ORDER BY next_attempt, queued_at"
-                " LIMIT %(n)s FOR UPDATE SKIP LOCKED)"
-                " UPDATE greenmail_messages m SET status = 'active', lease_owner = %(node)s,"
-                " lease_until = clock_timestamp() + %(lease)s * interval '1 second',"
-                " lease_token = nextval('greenmail_lease_tokens'), seen = true"
-                " FROM picked WHERE m.id = picked.id"
-                f" RETURNING {MESSAGE_COLUMNS}, m.lease_token,"
-                " (SELECT c.data FROM greenmail_chunks c WHERE c.message_id = m.id AND c.seq = 0"
-                "  AND m.size <= %(small)s), NOT picked.seen, m.source",
+                CLAIM.format(older=older_sql),
                 {"n": n, "node": self.node, "lease": self.lease, "older": older, "small": IN_CLAIM},
+                binary=True,  # the body as bytes, not hex
             ).fetchall()
         self._fine()
         claims = [self._make(r) for r in sorted(rows, key=lambda r: (r[7], r[4]))]

@@ -133,6 +133,7 @@ class ChunkReader(io.RawIOBase):
                 row = conn.execute(
                     "SELECT data FROM greenmail_chunks WHERE message_id = %s AND seq = %s",
                     (self.qid, self._seq),
+                    binary=True,
                 ).fetchone()
             if row is None:
                 return 0

@@ -12,6 +12,7 @@ import importlib.util
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -72,8 +73,9 @@ def db_cpu() -> float:
 class GreenmailPg(Greenmail):
     """greenmail nodes on one PostgreSQL queue."""
 
-    def __init__(self, ctx: Ctx, nodes: int = 1) -> None:
-        super().__init__(ctx, name="greenmail_pg" if nodes == 1 else f"greenmail_pg{nodes}")
+    def __init__(self, ctx: Ctx, nodes: int = 1, code: Path | None = None, name: str | None = None) -> None:
+        name = name or ("greenmail_pg" if nodes == 1 else f"greenmail_pg{nodes}")
+        super().__init__(ctx, code=code, name=name)
         self.nodes = nodes
         self.procs: list[subprocess.Popen] = []
         self._conn: Any = None
