@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
-from types import ModuleType
-from typing import Any
 
 from greenmail.errors import ConfigError, QueueUnavailable
+
+TYPE_CHECKING = False  # typing costs `greenmail enqueue` ~5 ms per call (pgsubmit.py imports this module)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from types import ModuleType
+    from typing import Any
 
 CONNECT_TIMEOUT = 10  # seconds for one connection attempt
 STATEMENT_TIMEOUT = 30_000  # milliseconds any one statement may run
