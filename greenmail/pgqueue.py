@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,7 +33,8 @@ from greenmail.pgstore import MESSAGE_COLUMNS, PgIncoming, open_body, state_of
 from greenmail.queue import Claim
 
 log = logging.getLogger("greenmail.queue")
-BATCH = 32  # messages claimed in one round trip at most
+BATCH = 64  # messages claimed in one round trip at most
+EXPIRE = 256  # messages claimed in one round trip to be expired
 POLL = 1.0  # seconds between looks for due mail when no notification came
 COUNT_CAP = 10_000  # due messages counted at most (more than any node opens sessions for)
 IN_CLAIM = 32 * 1024  # messages up to this size come with their claim (one chunk)
@@ -255,12 +256,18 @@ class PgQueue:
         a small burst is still shared between the nodes)."""
         return min(self._due, max(self.batch, min(BATCH, self._due // 8)))
 
-    def take_older(self, than: float) -> list[Claim]:
-        try:
-            return list(self._claim(BATCH * 32, than))  # expiry: as many as come
-        except GreenmailError as e:
-            self._trouble(e)
-            return []
+    def take_older(self, than: float) -> Iterator[Claim]:
+        """Expiry's claims: every due message queued before ``than``, EXPIRE at a time (as they are
+        used: the bodies that come with claims stay few in memory)."""
+        while True:
+            try:
+                got = self._claim(EXPIRE, than)
+            except GreenmailError as e:
+                self._trouble(e)
+                return
+            yield from got
+            if len(got) < EXPIRE:
+                return
 
     def _claim(self, n: int, older: float | None) -> list[PgClaim]:
         """Lease up to ``n`` due messages (oldest first) in one statement; buffered unless ``older``."""

@@ -190,7 +190,7 @@ class DeliveryQueue(Protocol):
 
     def take_arrivals(self) -> int: ...  # new messages seen arriving since the last call (metrics)
 
-    def take_older(self, than: float) -> list[Claim]: ...  # due messages enqueued before ``than``
+    def take_older(self, than: float) -> Iterable[Claim]: ...  # due messages enqueued before ``than``
 
     def settle(self, claim: Claim, next_at: float) -> str: ...  # "delivered" | "deferred" | "failed"
 

@@ -97,4 +97,4 @@ def test_sessions_asking_at_once_share_one_claim(pg_dsn: str) -> None:
     got = run(pg_dsn, "burst", 40)
     assert None not in got["ids"] and len(set(got["ids"])) == 10, got
     assert got["transactions"] == 1, got  # one claim statement leased them all
-    assert 10 <= got["claimed"] <= 32, got  # the sessions' ten, and the rest of that claim's batch
+    assert got["claimed"] >= 10, got  # the sessions' ten, and the rest of that claim's batch

@@ -629,6 +629,29 @@ def test_several_delivery_processes_are_nodes_of_their_own(tmp_path: Path, pg_ds
     assert len(senders) == 2, senders  # both processes sent (the pid in each mail log line)
 
 
+def test_mail_past_its_lifetime_fails_while_the_relay_is_down_more_than_one_round_of_it(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Expiry claims EXPIRE messages at a time: 300 old ones all fail (and bounce) in one run."""
+    from greenmail.pgqueue import EXPIRE
+
+    old = EXPIRE + 44
+    config = node_config(tmp_path / "n1", pg_dsn, support.free_port(), retry={"max_lifetime": 3600})
+    assert support.greenmail("queue", "init", config=config).returncode == 0
+    enqueue_numbered(pg_dsn, old)
+    psql(pg_dsn, "UPDATE greenmail_messages SET queued_at = now() - interval '2 hours'")
+    fresh = support.enqueue(config, b"Subject: new\n\nbody\n")
+
+    r = support.greenmail("run", "--once", config=config, timeout=120)  # nobody listens on the relay port
+    assert r.returncode == 0, r.stderr
+    listing = {m["id"]: m for m in listed(config)}
+    failed = [m for m in listing.values() if m["state"] == "failed"]
+    assert len(failed) == old and all("expired" in m["last_error"] for m in failed)
+    assert listing[fresh]["state"] == "queued" and listing[fresh]["attempts"] == 0
+    bounces = [m for m in listing.values() if m["sender"] == ""]
+    assert len(bounces) == old and {b["recipients"][0] for b in bounces} == {"a@example.org"}
+
+
 def test_sendmail_q_with_no_node_running_delivers_the_queue_itself(cfg: Path, relay: Relay) -> None:
     support.enqueue(cfg, b"Subject: queued\n\nx\n")
     r = support.greenmail("sendmail", "-C", str(cfg), "-q")
