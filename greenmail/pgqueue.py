@@ -1,7 +1,8 @@
 """The shared queue as one node's delivery queue (queue.DeliveryQueue on PostgreSQL).
 
 Owns: claims as leases (due messages taken in batches by one short
-transaction, ``FOR UPDATE SKIP LOCKED``, committed before any SMTP traffic),
+transaction, ``FOR UPDATE SKIP LOCKED``, committed before any SMTP traffic;
+one claim at a time for all the node's sessions; a plan that walks the due index),
 the heartbeat that renews this node's leases (a node that could not renew in
 time stops before the final dot: ``Claim.keep``), settlements fenced by the
 claim's lease token (a zero-row settlement is logged as a possible
