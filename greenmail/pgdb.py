@@ -4,7 +4,8 @@ Owns: importing psycopg so that its waits cooperate with gevent in the daemon
 (gevent patches ``select`` before psycopg is first imported: psycopg picks its
 wait function at import, and its C wait would block the hub), the connection
 string with the password file, and the timeouts every connection carries
-(connecting, each statement, idle transactions, TCP keepalives).
+(connecting, each statement, idle transactions, TCP keepalives), and in the
+daemon the database host's name looked up without blocking the hub.
 Must not touch: the schema, the queue's rows, SMTP.
 """
 
@@ -87,10 +88,54 @@ def connect(
     """An autocommit connection (a transaction only where ``with conn.transaction()`` says);
     QueueUnavailable when PostgreSQL cannot be reached (the message names why, never the password)."""
     pg = psycopg(cooperative)
+    keys = keywords(password_file, application, settings)
     try:
-        return pg.connect(dsn, autocommit=True, **keywords(password_file, application, settings))
+        if cooperative:
+            keys.update(resolved(pg.conninfo.conninfo_to_dict(dsn)))
+        return pg.connect(dsn, autocommit=True, **keys)
     except pg.Error as e:
         raise QueueUnavailable(f"PostgreSQL is unavailable: {first_line(e)}") from None
+
+
+def resolved(params: Mapping[str, Any]) -> dict[str, str]:
+    """``host``, ``hostaddr`` and ``port`` for a DSN naming its hosts: their addresses looked up by
+    gevent's resolver (psycopg would ask the blocking socket.getaddrinfo, and the daemon does not
+    patch socket); {} when there is nothing to look up (addresses, socket directories, or
+    ``hostaddr`` given)."""
+    import ipaddress
+
+    import gevent
+    from gevent import socket as gsocket
+
+    hosts = str(params.get("host") or "").split(",")
+    ports = str(params.get("port") or "").split(",")
+    if params.get("hostaddr") or len(ports) not in (1, len(hosts)):
+        return {}  # as given (libpq reports a mismatch of the lists)
+    out: list[tuple[str, str, str]] = []  # (host, hostaddr, port): "" as hostaddr: use the host
+    for host, port in zip(hosts, ports * len(hosts) if len(ports) == 1 else ports, strict=True):
+        try:
+            out.append((host, str(ipaddress.ip_address(host)), port))
+            continue
+        except ValueError:
+            pass
+        if not host or host.startswith("/"):
+            out.append((host, "", port))
+            continue
+        late = QueueUnavailable(f"PostgreSQL is unavailable: looking up {host}: no answer")
+        try:
+            with gevent.Timeout(CONNECT_TIMEOUT, late):
+                found = gsocket.getaddrinfo(
+                    host, port or "5432", type=gsocket.SOCK_STREAM, proto=gsocket.IPPROTO_TCP
+                )
+        except OSError as e:
+            raise QueueUnavailable(f"PostgreSQL is unavailable: cannot resolve {host}: {e}") from None
+        out += [(host, address, port) for address in dict.fromkeys(str(info[4][0]) for info in found)]
+    if all(not address for _, address, _ in out) or all(h == a for h, a, _ in out):
+        return {}
+    keys = {key: ",".join(row[i] for row in out) for i, key in enumerate(("host", "hostaddr", "port"))}
+    if not any(port for _, _, port in out):
+        del keys["port"]  # libpq's default
+    return keys
 
 
 def first_line(e: BaseException) -> str:

@@ -1,6 +1,7 @@
 """psycopg under gevent, imported the way greenmail imports it (greenmail/pgdb.py): with select
 patched first, ten greenlets' queries run at once on one thread; imported before any patching
-(the negative control), each query blocks the hub and they run one after another.
+(the negative control), each query blocks the hub and they run one after another. And the
+database host's name: greenmail looks it up off the hub; psycopg alone (the control) on it.
 
 Each case is a child process (a fresh interpreter: psycopg picks its wait function when it is first
 imported), greenmail imported from this source tree."""
@@ -11,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import support
 
 SESSIONS = 10
@@ -72,3 +74,68 @@ def test_cooperative_psycopg_runs_ten_queries_at_once(pg_dsn: str) -> None:
 def test_psycopg_imported_before_patching_runs_one_at_a_time(pg_dsn: str) -> None:
     """The negative control: the same script, psycopg imported before gevent patched select."""
     assert run(pg_dsn, "plain", 0.5) <= 1
+
+
+# argv: dsn (its host a name), "greenmail" (pgdb.connect as the daemon's pool calls it) or "psycopg"
+# (psycopg.connect as such: the negative control). Name lookups take 0.5 s (C's getaddrinfo
+# wrapped); a greenlet ticks every 10 ms. Prints max_gap_ms=N (the longest the hub went without
+# a tick while connecting).
+LOOKUP = r"""
+import sys, time
+
+import _socket
+
+real = _socket.getaddrinfo
+def slow(*args, **kwargs):
+    time.sleep(0.5)  # a slow DNS server
+    return real(*args, **kwargs)
+_socket.getaddrinfo = slow
+
+from greenmail import pgdb
+
+pg = pgdb.psycopg(cooperative=True)
+import gevent
+
+dsn, mode = sys.argv[1], sys.argv[2]
+gaps, last = [], [time.monotonic()]
+def tick():
+    while True:
+        gevent.sleep(0.01)
+        now = time.monotonic()
+        gaps.append(now - last[0])
+        last[0] = now
+ticker = gevent.spawn(tick)
+gevent.sleep(0.05)
+conn = pgdb.connect(dsn, None, cooperative=True) if mode == "greenmail" else pg.connect(dsn)
+assert conn.execute("SELECT 1").fetchone()[0] == 1
+gevent.sleep(0.05)
+print(f"max_gap_ms={max(gaps) * 1000:.0f}")
+"""
+
+
+def lookup_gap(dsn: str, mode: str, hosts: int = 1) -> float:
+    """``dsn`` with its host as "localhost", ``hosts`` times (a list of hosts, libpq's failover)."""
+    server = re.search(r"@127\.0\.0\.1:(\d+)/", dsn)
+    assert server, dsn
+    named = dsn.replace(server.group(0), "@" + ",".join([f"localhost:{server.group(1)}"] * hosts) + "/")
+    r = subprocess.run(
+        [sys.executable, "-P", "-c", LOOKUP, named, mode],
+        capture_output=True,
+        text=True,
+        env=support.env(),
+        timeout=90,
+    )
+    assert r.returncode == 0, r.stderr
+    found = re.search(r"^max_gap_ms=(\d+)$", r.stdout, re.MULTILINE)
+    assert found, r.stdout
+    return int(found.group(1))
+
+
+@pytest.mark.parametrize("hosts", [1, 2])
+def test_the_database_hosts_name_is_looked_up_without_blocking_the_hub(pg_dsn: str, hosts: int) -> None:
+    assert lookup_gap(pg_dsn, "greenmail", hosts) < 250
+
+
+def test_psycopg_alone_looks_the_name_up_on_the_hub(pg_dsn: str) -> None:
+    """The negative control: psycopg.connect with the same DSN blocks the hub for the lookup."""
+    assert lookup_gap(pg_dsn, "psycopg") >= 450
