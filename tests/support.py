@@ -90,6 +90,15 @@ def env() -> dict[str, str]:
     return e
 
 
+def python(script: str, *args: str, timeout: float = 90) -> str:
+    """Run ``script`` in a fresh interpreter that imports this tree's greenmail; its stdout
+    (the script must succeed: its stderr is the assertion's message)."""
+    argv = [sys.executable, "-P", "-c", script, *args]
+    r = subprocess.run(argv, capture_output=True, text=True, env=env(), timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def greenmail(
     *args: str, config: Path | None = None, stdin: bytes = b"", timeout: float = 60
 ) -> subprocess.CompletedProcess[bytes]:

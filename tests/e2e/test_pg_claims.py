@@ -15,8 +15,6 @@ greenmail imported from this source tree.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from typing import Any
 
 import support
@@ -74,15 +72,8 @@ elif case == "burst":
 
 
 def run(dsn: str, case: str, messages: int) -> Any:
-    r = subprocess.run(
-        [sys.executable, "-P", "-c", SCRIPT, dsn, case, str(messages)],
-        capture_output=True,
-        text=True,
-        env=support.env(),
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    out = support.python(SCRIPT, dsn, case, str(messages), timeout=120)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_the_claim_walks_the_due_index_even_when_statistics_lag(pg_dsn: str) -> None:

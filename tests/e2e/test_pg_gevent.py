@@ -9,8 +9,6 @@ imported), greenmail imported from this source tree."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 import support
@@ -53,17 +51,10 @@ print(f"pgdb={pgdb.__file__}")
 
 
 def run(dsn: str, mode: str, seconds: float) -> int:
-    r = subprocess.run(
-        [sys.executable, "-P", "-c", SCRIPT, dsn, mode, str(seconds)],
-        capture_output=True,
-        text=True,
-        env=support.env(),
-        timeout=90,
-    )
-    assert r.returncode == 0, r.stderr
-    assert f"pgdb={support.ROOT / 'greenmail' / 'pgdb.py'}" in r.stdout  # this tree's, not an installed one
-    found = re.search(r"^max_active=(\d+)$", r.stdout, re.MULTILINE)
-    assert found, r.stdout
+    out = support.python(SCRIPT, dsn, mode, str(seconds))
+    assert f"pgdb={support.ROOT / 'greenmail' / 'pgdb.py'}" in out  # this tree's, not an installed one
+    found = re.search(r"^max_active=(\d+)$", out, re.MULTILINE)
+    assert found, out
     return int(found.group(1))
 
 
@@ -118,16 +109,9 @@ def lookup_gap(dsn: str, mode: str, hosts: int = 1) -> float:
     server = re.search(r"@127\.0\.0\.1:(\d+)/", dsn)
     assert server, dsn
     named = dsn.replace(server.group(0), "@" + ",".join([f"localhost:{server.group(1)}"] * hosts) + "/")
-    r = subprocess.run(
-        [sys.executable, "-P", "-c", LOOKUP, named, mode],
-        capture_output=True,
-        text=True,
-        env=support.env(),
-        timeout=90,
-    )
-    assert r.returncode == 0, r.stderr
-    found = re.search(r"^max_gap_ms=(\d+)$", r.stdout, re.MULTILINE)
-    assert found, r.stdout
+    out = support.python(LOOKUP, named, mode)
+    found = re.search(r"^max_gap_ms=(\d+)$", out, re.MULTILINE)
+    assert found, out
     return int(found.group(1))
 
 
