@@ -41,6 +41,8 @@ class State:
     uid: int | None = None  # who submitted it, when not the queue file's owner (a local user's pickup)
 
     def pending(self, recipients: Iterable[str]) -> tuple[str, ...]:
+        if not self.recipients:  # none settled yet (most messages, most of the time)
+            return tuple(recipients)
         return tuple(r for r in recipients if r not in self.recipients)
 
     def unreported_failures(self) -> list[str]:
