@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from types import ModuleType
     from typing import Any
 
+PSYCOPG = (3, 2)  # the first psycopg whose notifies() takes a timeout (the node's wake-ups)
 CONNECT_TIMEOUT = 10  # seconds for one connection attempt
 STATEMENT_TIMEOUT = 30_000  # milliseconds any one statement may run
 IDLE_IN_TRANSACTION = 60_000  # milliseconds a transaction may sit idle before the server ends it
@@ -44,7 +45,21 @@ def psycopg(cooperative: bool) -> ModuleType:
         raise ConfigError(
             'queue.backend = "postgresql" needs psycopg 3: pip install "greenmail[postgresql]"'
         ) from None
+    if not new_enough(module.__version__):
+        raise ConfigError(
+            f'queue.backend = "postgresql" needs psycopg {".".join(map(str, PSYCOPG))} or later'
+            f' (found {module.__version__}): pip install "greenmail[postgresql]"'
+        )
     return module
+
+
+def new_enough(version: str) -> bool:
+    """Whether a psycopg version string (3.1.7, 3.2.0.dev1, 3.3.9) is at least PSYCOPG."""
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = len(piece) - len(piece.lstrip("0123456789"))  # the leading digits ("2rc1": 2)
+        parts.append(int(piece[:digits] or 0))
+    return tuple(parts) >= PSYCOPG
 
 
 def _waits_cooperate() -> bool:

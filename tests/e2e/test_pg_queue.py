@@ -9,6 +9,7 @@ mid-drain, and PostgreSQL stopped and started again.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from collections import Counter
@@ -650,6 +651,20 @@ def test_mail_past_its_lifetime_fails_while_the_relay_is_down_more_than_one_roun
     assert listing[fresh]["state"] == "queued" and listing[fresh]["attempts"] == 0
     bounces = [m for m in listing.values() if m["sender"] == ""]
     assert len(bounces) == old and {b["recipients"][0] for b in bounces} == {"a@example.org"}
+
+
+def test_a_psycopg_older_than_3_2_is_refused_by_name(tmp_path: Path, cfg: Path) -> None:
+    """Debian 12's python3-psycopg is 3.1.7: the daemon says so at start (exit 78), rather than
+    failing later at its first wait for notifications."""
+    old = tmp_path / "old-psycopg" / "psycopg"
+    old.mkdir(parents=True)
+    (old / "__init__.py").write_text('__version__ = "3.1.7"\n')  # what the daemon reads of it
+    env = {**support.env(), "PYTHONPATH": f"{old.parent}{os.pathsep}{support.ROOT}"}
+    r = subprocess.run(
+        [*support.GREENMAIL, "run", "--once", "--config", str(cfg)], capture_output=True, env=env, timeout=60
+    )
+    assert r.returncode == 78, r.stderr
+    assert b"needs psycopg 3.2 or later (found 3.1.7)" in r.stderr
 
 
 def test_sendmail_q_with_no_node_running_delivers_the_queue_itself(cfg: Path, relay: Relay) -> None:
