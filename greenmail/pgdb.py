@@ -127,6 +127,7 @@ def resolved(params: Mapping[str, Any]) -> dict[str, str]:
     if params.get("hostaddr") or len(ports) not in (1, len(hosts)):
         return {}  # as given (libpq reports a mismatch of the lists)
     out: list[tuple[str, str, str]] = []  # (host, hostaddr, port): "" as hostaddr: use the host
+    named = False  # a name was looked up
     for host, port in zip(hosts, ports * len(hosts) if len(ports) == 1 else ports, strict=True):
         try:
             out.append((host, str(ipaddress.ip_address(host)), port))
@@ -145,7 +146,8 @@ def resolved(params: Mapping[str, Any]) -> dict[str, str]:
         except OSError as e:
             raise QueueUnavailable(f"PostgreSQL is unavailable: cannot resolve {host}: {e}") from None
         out += [(host, address, port) for address in dict.fromkeys(str(info[4][0]) for info in found)]
-    if all(not address for _, address, _ in out) or all(h == a for h, a, _ in out):
+        named = True
+    if not named:
         return {}
     keys = {key: ",".join(row[i] for row in out) for i, key in enumerate(("host", "hostaddr", "port"))}
     if not any(port for _, _, port in out):

@@ -45,7 +45,7 @@ RETRY = 1.0  # seconds between tries while PostgreSQL cannot be reached
 # behind a burst (a queue filled since the last ANALYZE looks nearly empty), may prefer to fetch
 # every due row and sort them: a cost that grows with the queue, paid by every claim.
 SESSION = {"enable_sort": "off"}
-CLAIM = (  # {older}: an extra condition on the due messages (expiry's)
+_CLAIM = (  # {older}: an extra condition on the due messages (expiry's)
     "WITH picked AS (SELECT id, seen FROM greenmail_messages WHERE status = 'queued'"
     " AND next_attempt <= clock_timestamp(){older} ORDER BY next_attempt, queued_at"
     " LIMIT %(n)s FOR UPDATE SKIP LOCKED)"
@@ -57,6 +57,8 @@ CLAIM = (  # {older}: an extra condition on the due messages (expiry's)
     " (SELECT c.data FROM greenmail_chunks c WHERE c.message_id = m.id AND c.seq = 0"
     "  AND m.size <= %(small)s), NOT picked.seen, m.source"
 )
+CLAIM = _CLAIM.format(older="")  # the due messages
+CLAIM_OLDER = _CLAIM.format(older=" AND queued_at < to_timestamp(%(older)s)")  # expiry's
 UNLEASE = "status = 'queued', lease_owner = NULL, lease_until = NULL, lease_token = NULL"  # claim returned
 
 
@@ -240,16 +242,15 @@ class PgQueue:
                     break
                 continue  # its messages may all be taken already
             self._claiming = claiming = AsyncResult()
+            ok = False
             try:
                 self._claim(self._batch_size(), None)
-                claiming.set(True)
+                ok = True
             except GreenmailError as e:
                 self._trouble(e)
-                claiming.set(False)
             finally:
                 self._claiming = None
-                if not claiming.ready():
-                    claiming.set(False)
+                claiming.set(ok)
         return self._buffer.popleft() if self._buffer and not self.stopping else None
 
     def _batch_size(self) -> int:
@@ -272,10 +273,9 @@ class PgQueue:
 
     def _claim(self, n: int, older: float | None) -> list[PgClaim]:
         """Lease up to ``n`` due messages (oldest first) in one statement; buffered unless ``older``."""
-        older_sql = " AND queued_at < to_timestamp(%(older)s)" if older is not None else ""
         with self.pool.connection() as conn:
             rows = conn.execute(
-                CLAIM.format(older=older_sql),
+                CLAIM if older is None else CLAIM_OLDER,
                 {"n": n, "node": self.node, "lease": self.lease, "older": older, "small": IN_CLAIM},
                 binary=True,  # the body as bytes, not hex
             ).fetchall()

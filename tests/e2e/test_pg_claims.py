@@ -54,7 +54,7 @@ if case == "plan":
     for label, settings in (("node", pgqueue.SESSION), ("plain", None)):
         c = pgdb.connect(dsn, None, settings=settings)
         with c.transaction(force_rollback=True):
-            plan = c.execute("EXPLAIN (FORMAT JSON) " + pgqueue.CLAIM.format(older=""), params).fetchone()[0]
+            plan = c.execute("EXPLAIN (FORMAT JSON) " + pgqueue.CLAIM, params).fetchone()[0]
         result[label] = node_types(plan[0]["Plan"])
     print(json.dumps(result))
 elif case == "burst":

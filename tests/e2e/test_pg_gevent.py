@@ -123,3 +123,20 @@ def test_the_database_hosts_name_is_looked_up_without_blocking_the_hub(pg_dsn: s
 def test_psycopg_alone_looks_the_name_up_on_the_hub(pg_dsn: str) -> None:
     """The negative control: psycopg.connect with the same DSN blocks the hub for the lookup."""
     assert lookup_gap(pg_dsn, "psycopg") >= 450
+
+
+UNKNOWN = r"""
+from greenmail import pgdb
+from greenmail.errors import QueueUnavailable
+
+pgdb.psycopg(cooperative=True)
+try:
+    pgdb.connect("postgresql://greenmail@nosuch.invalid:5432/x", None, cooperative=True)
+except QueueUnavailable as e:
+    print(f"unavailable: {e}")
+"""
+
+
+def test_a_database_host_that_does_not_resolve_is_unavailable_and_named() -> None:
+    out = support.python(UNKNOWN, timeout=60)
+    assert "unavailable: PostgreSQL is unavailable: cannot resolve nosuch.invalid" in out, out
