@@ -368,7 +368,7 @@ class SpoolQueue:
             "held": self._listed["held"] if first else 0,
         }
         times = [t for e in self._entries() if (t := id_time(e.id)) is not None]
-        times += [c.queued_at for c in self._claims.values()]
+        times += [id_time(c.id) or c.queued_at for c in self._claims.values()]  # as while queued (not mtime)
         return counts, min(times, default=0.0)
 
     def relay_status(self, outage: tuple[float, str] | None) -> None:
