@@ -255,6 +255,13 @@ class Connection:
             self.metrics.stage(STAGE_LABEL[cmd])
         return data
 
+    def offer(self, cmd: Cmd, line: bytes, txn: Transaction, rcpt: str | None = None) -> bytes | None:
+        """``push`` when the protocol lets ``cmd`` go now; else None."""
+        data = self.client.offer(cmd, line, txn, rcpt)
+        if data is not None and cmd in COUNTED:
+            self.metrics.stage(STAGE_LABEL[cmd])
+        return data
+
     def send(self, data: bytes, label: str, timeout: float | None = None) -> None:
         sock = self.sock
         assert sock is not None

@@ -74,13 +74,17 @@ class LineFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         body = self.json(record) if self.json_body else self.text(record)
+        return self.headed(record.name, record.levelno, record.created, body)
+
+    def headed(self, logger: str, levelno: int, created: float, body: str) -> str:
+        """``body`` behind this formatter's head."""
         if self.head == "journal":
-            prefix = f"<{level_word(record.levelno)[1]}>"
+            prefix = f"<{level_word(levelno)[1]}>"
             return prefix + body.replace("\n", "\n" + prefix)
         if self.head == "tag":
-            return f"{self.tag(record.name)} {body}"
+            return f"{self.tag(logger)} {body}"
         if self.head == "stamp":
-            return f"{self.stamp(record)} {self.host} {self.tag(record.name)} {body}"
+            return f"{self.stamp(created)} {self.host} {self.tag(logger)} {body}"
         return body
 
     def text(self, record: logging.LogRecord) -> str:
@@ -112,12 +116,12 @@ class LineFormatter(logging.Formatter):
             tag = self._tags[logger] = f"{SYSLOG_NAME}/{service(logger)}[{self.pid}]:"
         return tag
 
-    def stamp(self, record: logging.LogRecord) -> str:
+    def stamp(self, created: float) -> str:
         """RFC 3339 local time with milliseconds and offset: 2026-11-28T14:15:39.347+01:00.
 
         The part without milliseconds is made once a second (a line per recipient).
         """
-        second, micro = divmod(round(record.created * 1_000_000), 1_000_000)  # as datetime rounds
+        second, micro = divmod(round(created * 1_000_000), 1_000_000)  # as datetime rounds
         if second != self._second:
             local = time.localtime(second)
             off = local.tm_gmtoff // 60
@@ -163,15 +167,22 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._pending.append(self.format(record))
+            line = self.format(record)
         except Exception:
             self.handleError(record)
             return
-        if (
-            record.levelno >= logging.WARNING
-            or len(self._pending) >= self.MAX_PENDING
-            or time.monotonic() - self._last >= self.interval
-        ):
+        self._add(line, record.levelno >= logging.WARNING)
+
+    def info(self, logger: str, message: str) -> None:
+        """An INFO line of ``logger`` in text, as ``emit`` writes its record (see ``direct``)."""
+        formatter = self.formatter
+        assert isinstance(formatter, LineFormatter)
+        with self.lock:  # type: ignore[union-attr]
+            self._add(formatter.headed(logger, logging.INFO, time.time(), message), False)
+
+    def _add(self, line: str, now: bool) -> None:
+        self._pending.append(line)
+        if now or len(self._pending) >= self.MAX_PENDING or time.monotonic() - self._last >= self.interval:
             self.flush()
 
     def flush(self) -> None:
@@ -297,6 +308,30 @@ def _pieces(lines: list[str], size: int) -> Iterator[str]:
         yield "\n".join(piece) + "\n"
 
 
+_ROOT = logging.getLogger()
+_direct: BatchingHandler | None = None  # setup()'s handler when it writes text (its info() is exact)
+
+
+def direct(logger: logging.Logger) -> BatchingHandler | None:
+    """The handler whose ``info()`` writes an INFO line of ``logger`` exactly as logging would.
+
+    That is when a record of ``logger`` would reach only the handler ``setup()``
+    installed on the root, unfiltered (the text format shows no fields). Else
+    None: the record must go through ``Logger.handle``. Checked on every call:
+    a handler added since (a test's capture, say) is never missed.
+    """
+    h = _direct
+    if h is None or logger.filters or logger.disabled or h.filters or h.level > logging.INFO:
+        return None
+    root = _ROOT
+    while logger is not root:
+        if logger.handlers or not logger.propagate or logger.parent is None:
+            return None
+        logger = logger.parent
+    handlers = root.handlers
+    return h if len(handlers) == 1 and handlers[0] is h else None
+
+
 def on_journal(stream: TextIO) -> bool:
     """Whether ``stream`` is connected to journald ($JOURNAL_STREAM names its device and inode)."""
     dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
@@ -361,6 +396,10 @@ def setup(
         root.removeHandler(old)
     root.addHandler(new)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    global _direct
+    lf = new.formatter
+    text = isinstance(lf, LineFormatter) and not lf.json_body
+    _direct = new if isinstance(new, BatchingHandler) and text else None
     logging.captureWarnings(True)
 
 

@@ -242,22 +242,38 @@ class Client:
 
     def can_send(self, cmd: Cmd) -> bool:
         """Whether ``cmd`` may go now: legal in this phase, and nothing blocks it."""
-        if (self.phase, cmd) not in SEND or self.closing is not None:
-            return False
-        if not self.expected:
-            return True
-        return self.pipelining and self.expected[-1].cmd not in SYNC
+        return self._after_send(cmd) is not None
+
+    def _after_send(self, cmd: Cmd) -> Phase | None:
+        """The phase after sending ``cmd`` if it may go now, else None."""
+        after = SEND.get((self.phase, cmd))
+        if after is None or self.closing is not None:
+            return None
+        expected = self.expected
+        if expected and not (self.pipelining and expected[-1].cmd not in SYNC):
+            return None
+        return after
 
     def send(self, cmd: Cmd, line: bytes, txn: Transaction | None = None, rcpt: str | None = None) -> bytes:
         """Record that ``line`` (the encoded ``cmd``) goes out; returns it. Illegal: LocalProtocolError."""
-        if not self.can_send(cmd):
+        data = self.offer(cmd, line, txn, rcpt)
+        if data is None:
             why = f"{cmd.value} may not be sent in phase {self.phase.value} now"
             self.phase = Phase.CLOSED
             raise LocalProtocolError(why)
+        return data
+
+    def offer(
+        self, cmd: Cmd, line: bytes, txn: Transaction | None = None, rcpt: str | None = None
+    ) -> bytes | None:
+        """``send`` when ``cmd`` may go now; else None, and nothing changes."""
+        after = self._after_send(cmd)
+        if after is None:
+            return None
         if self.parser.pending:  # a reply before its command would be taken for the next one's
             stage = STAGE_OF[cmd]
             raise ProtocolError("the relay sent a reply ahead of the command", stage.label if stage else "")
-        self.phase = SEND[(self.phase, cmd)]
+        self.phase = after
         self.expected.append(Expect(cmd, txn, rcpt))
         if txn is not None:
             txn.outstanding += 1
@@ -306,9 +322,6 @@ class Client:
     def implicit_tls(self) -> None:
         """TLS from the first byte: nothing to change but a fresh parser."""
         self.parser = wire.ReplyParser()
-
-    def awaiting(self, txn: Transaction) -> bool:
-        return txn.outstanding > 0
 
 
 def _extensions(reply: Reply) -> dict[str, str]:

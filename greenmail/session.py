@@ -149,7 +149,7 @@ class Session:
             raise
         txn = taken.txn
         assert txn is not None
-        if self.conn.closing is not None:
+        if self.client.closing is not None:
             return False  # after a 421 the connection is over: no RSET, no QUIT
         if txn.count(Rcpt.DELIVERED) == len(txn.recipients) or not txn.opened or len(self._inflight) > 1:
             return True  # (after the final dot the transaction is over: the next MAIL may be sent already)
@@ -182,7 +182,7 @@ class Session:
             txn = taken.txn
             self._run(claim, txn)
             self._record(claim, txn, attempt)
-            if not (txn.overflow and txn.count(Rcpt.DELIVERED)) or self.conn.closing is not None:
+            if not (txn.overflow and txn.count(Rcpt.DELIVERED)) or self.client.closing is not None:
                 return
             taken.txn = None
 
@@ -207,7 +207,7 @@ class Session:
         if txn.planned and self.limiter is not None:
             self.limiter.wait()
         self._exchange(txn)
-        if self.conn.closing is not None:
+        if self.client.closing is not None:
             return
         if txn.data_ok:
             self._dot_body(claim, txn)
@@ -224,31 +224,37 @@ class Session:
     def _exchange(self, txn: Transaction) -> None:
         """Send what the protocol allows of ``txn``'s commands; read until none of its replies is due."""
         while True:
-            out, label = b"", ""
-            while (p := self._next_command(txn)) is not None:
-                txn.planned.popleft()
-                out += self.conn.push(p.cmd, p.line, txn, p.rcpt)
-                label = label or p.cmd.value
+            out, label = self._commands(txn)
             if out:
                 self.conn.send(out, label)
-            if not self.client.awaiting(txn):
+            if not txn.outstanding:
                 return
             expect, reply = self.conn.read()
             if expect.txn is not None:
                 expect.txn.on_reply(expect, reply)
-            if self.conn.closing is not None:  # 421: what is unsettled is deferred; nothing more is read
-                txn.defer_rest(self.conn.closing)
+            closing = self.client.closing
+            if closing is not None:  # 421: what is unsettled is deferred; nothing more is read
+                txn.defer_rest(closing)
                 return
 
-    def _next_command(self, txn: Transaction) -> Any:
-        """The transaction's next planned command if it may go now (no DATA once every RCPT was refused)."""
-        if not txn.planned:
-            return None
-        p = txn.planned[0]
-        if p.cmd is Cmd.DATA and not self.client.awaiting(txn) and not txn.wants_data:
-            txn.planned.clear()  # every recipient refused: no DATA
-            return None
-        return p if self.client.can_send(p.cmd) else None
+    def _commands(self, txn: Transaction) -> tuple[bytes, str]:
+        """The transaction's planned commands that may go now (recorded as sent), and the first one's stage.
+
+        No DATA once every RCPT was refused.
+        """
+        planned, out, label = txn.planned, b"", ""
+        while planned:
+            p = planned[0]
+            if p.cmd is Cmd.DATA and not txn.outstanding and not txn.wants_data:
+                planned.clear()  # every recipient refused: no DATA
+                break
+            data = self.conn.offer(p.cmd, p.line, txn, p.rcpt)
+            if data is None:
+                break
+            planned.popleft()
+            out += data
+            label = label or p.cmd.value
+        return out, label
 
     def _ahead(self, txn: Transaction) -> bytes:
         """The next message's commands, to go in the same write as this message's end (RFC 2920 3.1).
@@ -272,11 +278,7 @@ class Session:
         nxt = self._begin(claim, list(claim.pending()))
         nxt.ahead = True
         self._inflight.append(Taken(claim, nxt))
-        out = b""
-        while nxt.planned and self.client.can_send(nxt.planned[0].cmd):
-            p = nxt.planned.popleft()
-            out += self.conn.push(p.cmd, p.line, nxt, p.rcpt)
-        return out
+        return self._commands(nxt)[0]
 
     def _open_body(self, claim: Claim) -> tuple[BinaryIO, Callable[[BinaryIO, int], bytes]]:
         """The message, and how to read it: off the hub unless it is in memory."""
@@ -324,7 +326,7 @@ class Session:
                     chunk = self.conn.push(Cmd.BDAT, f"BDAT {len(data)}\r\n".encode() + data, txn)
                     self.conn.send(chunk, "data", t)
                     self._exchange(txn)
-                    if txn.final is not None or self.conn.closing is not None:
+                    if txn.final is not None or self.client.closing is not None:
                         return  # the relay refused the message part-way
                 raw = nxt
             data += norm.finish()

@@ -63,9 +63,11 @@ class ReplyParser:
         self._lines: list[str] = []
         self._code = 0
         self._size = 0
+        self.pending = False  # bytes of an unfinished reply are buffered
 
     def feed(self, data: bytes) -> None:
         self._buf += data
+        self.pending = bool(self._buf or self._lines)
         self._check_partial()
 
     def _check_partial(self) -> None:
@@ -79,6 +81,7 @@ class ReplyParser:
             nl = self._buf.find(b"\n")
             if nl < 0:
                 self._check_partial()
+                self.pending = bool(self._buf or self._lines)
                 return None
             if nl > MAX_LINE:
                 raise ProtocolError(f"reply line longer than {MAX_LINE} bytes")
@@ -86,6 +89,7 @@ class ReplyParser:
             del self._buf[: nl + 1]
             reply = self._line(raw, nl + 1)
             if reply is not None:
+                self.pending = bool(self._buf)
                 return reply
 
     def _line(self, raw: bytes, size: int) -> Reply | None:
@@ -105,11 +109,6 @@ class ReplyParser:
         reply = Reply(code, tuple(self._lines))
         self._lines, self._code, self._size = [], 0, 0
         return reply
-
-    @property
-    def pending(self) -> bool:
-        """True when bytes of an unfinished reply are buffered."""
-        return bool(self._buf or self._lines)
 
 
 def command(verb: str, arg: str | None = None) -> bytes:
