@@ -84,7 +84,7 @@ class LineFormatter(logging.Formatter):
         if self.head == "tag":
             return f"{self.tag(logger)} {body}"
         if self.head == "stamp":
-            return f"{self.stamp(created)} {self.host} {self.tag(logger)} {body}"
+            return f"{self.stamp(created)} {self.host} {self._tags.get(logger) or self.tag(logger)} {body}"
         return body
 
     def text(self, record: logging.LogRecord) -> str:

@@ -10,16 +10,14 @@ Must not touch: logging set-up, sockets, the spool. Imports only logfmt of green
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from greenmail import logfmt
 
 
-@dataclasses.dataclass(frozen=True)
-class Timing:
+class Timing(NamedTuple):
     """When things happened to one delivery attempt (time.time() values).
 
     ``seen``: when the daemon first saw the message (its start, for older messages);
@@ -40,13 +38,16 @@ def delays(t: Timing, done: float) -> tuple[float, float, float, float]:
 
     a + b + c + d = done - queued. A reused connection costs this message no set-up (c = 0).
     """
-    seen = max(t.queued, t.seen)
-    if t.first:
-        start = max(t.connected, seen)
-        b, c = max(0.0, t.connected - seen), max(0.0, t.claimed - start)
+    queued, seen, connected, first, claimed = t
+    if queued > seen:
+        seen = queued
+    if first:
+        start = connected if connected > seen else seen
+        b, c = connected - seen, claimed - start
     else:
-        b, c = max(0.0, t.claimed - seen), 0.0
-    return seen - t.queued, b, c, max(0.0, done - t.claimed)
+        b, c = claimed - seen, 0.0
+    d = done - claimed
+    return seen - queued, b if b > 0 else 0.0, c if c > 0 else 0.0, d if d > 0 else 0.0
 
 
 def _short(x: float) -> str:
@@ -63,7 +64,7 @@ def delivery(
     """
     dsn, status, reply = result
     done = time.time()
-    delay = round(max(0.0, done - timing.queued), 2)
+    delay = round(done - timing.queued if done > timing.queued else 0.0, 2)
     parts = delays(timing, done)
     line = (
         f"{qid}: to=<{rcpt}>, relay={relay}, delay={delay:.2f}, delays={'/'.join(map(_short, parts))}, "

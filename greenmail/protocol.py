@@ -90,7 +90,7 @@ TOO_MANY_RECIPIENTS = 452
 
 def decide(stage: Stage, reply: Reply) -> Action:
     """What a reply at a stage leads to, by the table above."""
-    return TRANSITIONS.get((stage, reply.cls), Action.PROTOCOL)
+    return TRANSITIONS.get((stage, reply.code // 100), Action.PROTOCOL)  # // 100: reply.cls, inline
 
 
 def raise_protocol(stage: Stage, reply: Reply) -> None:
@@ -300,7 +300,7 @@ class Client:
         expect = self.expected.popleft()
         if expect.txn is not None:
             expect.txn.outstanding -= 1
-        if not self.expected and (after := AFTER_REPLY.get((expect.cmd, reply.cls))) is not None:
+        if not self.expected and (after := AFTER_REPLY.get((expect.cmd, reply.code // 100))) is not None:
             self.phase = after
         if expect.cmd is Cmd.EHLO and reply.cls == 2:
             self._offered(_extensions(reply))

@@ -336,12 +336,16 @@ class Session:
             self.conn.send(last + self._ahead(txn), "data", t)
 
     def _record(self, claim: Claim, txn: Transaction, attempt: Attempt) -> None:
-        """A transaction's per-recipient results into the attempt (and the delivery log lines)."""
+        """A transaction's per-recipient results into the attempt, and the delivery log lines."""
+        logged = log.isEnabledFor(logging.INFO)
         for rcpt, result in txn.results.items():
-            attempt.results[rcpt] = (result.value, str(txn.replies[rcpt]))
+            reply = txn.replies[rcpt]
+            text = str(reply)
+            attempt.results[rcpt] = (result.value, text)
+            if logged:
+                self._log_rcpt(claim, rcpt, STATUS[result], reply.enhanced or f"{reply.cls}.0.0", text)
         if txn.error is not None:
             attempt.error = str(txn.error)
-        self._log(claim, txn)
 
     def _connection_failed(self, taken: Taken, e: SmtpError) -> None:
         """The connection failed during this message: requeued with backoff (untouched if sent ahead)."""
@@ -368,19 +372,12 @@ class Session:
             return False
         return reply.cls == 2
 
-    def _log(self, claim: Claim, txn: Transaction) -> None:
-        if not log.isEnabledFor(logging.INFO):
-            return
-        for rcpt, result in txn.results.items():
-            reply = txn.replies[rcpt]
-            self._log_rcpt(claim, rcpt, STATUS[result], reply.enhanced or f"{reply.cls}.0.0", str(reply))
-
     def _log_rcpt(self, claim: Claim, rcpt: str, status: str, dsn: str, reply: str) -> None:
         """The Postfix-style line for one recipient of one attempt (fields also for --log-format json)."""
         timing = maillog.Timing(
             claim.queued_at, self.outbox.started, self._connected, self._sent == 0, self._began
         )
         line, fields = maillog.delivery(
-            claim.id, rcpt, self.relay, timing, (dsn, status, reply), claim.attempts + 1
+            claim.id, rcpt, self.conn.relay, timing, (dsn, status, reply), claim.attempts + 1
         )
         maillog.emit(log, line, fields)

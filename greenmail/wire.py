@@ -38,7 +38,7 @@ class Reply:
 
     @property
     def text(self) -> str:
-        return " ".join(line for line in self.lines if line)
+        return " ".join(filter(None, self.lines))
 
     @property
     def enhanced(self) -> str | None:
