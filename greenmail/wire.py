@@ -168,11 +168,7 @@ class LineNormaliser:
         """Break lines over MAX_TEXT_LINE octets (CRLF SP inserted); the common case is one search."""
         first = out.find(b"\r\n")
         head = first if first >= 0 else len(out)
-        if self._col + head <= MAX_TEXT_LINE and (
-            first < 0
-            or len(out) - first - 2 <= MAX_TEXT_LINE
-            or max(map(len, out[first + 2 :].split(b"\r\n"))) <= MAX_TEXT_LINE  # C speed, unlike a search
-        ):
+        if self._col + head <= MAX_TEXT_LINE and (first < 0 or _short_lines(out, first + 2)):
             self._col = self._col + len(out) if first < 0 else len(out) - out.rfind(b"\n") - 1
             return out
         pieces = []
@@ -203,6 +199,20 @@ class LineNormaliser:
             self._line_start = True
         self._col = 0
         return tail
+
+
+def _short_lines(data: bytes, pos: int) -> bool:
+    """Whether no CRLF-separated line of ``data[pos:]`` (the last one maybe unended) is over MAX_TEXT_LINE.
+
+    One search per MAX_TEXT_LINE octets, not one per line: the line at ``pos`` is short when a CRLF
+    ends within MAX_TEXT_LINE octets, and so is every line up to the last CRLF found there.
+    """
+    while len(data) - pos > MAX_TEXT_LINE:
+        end = data.rfind(b"\r\n", pos, pos + MAX_TEXT_LINE + 2)
+        if end < 0:
+            return False
+        pos = end + 2
+    return True
 
 
 class DotStuffer(LineNormaliser):

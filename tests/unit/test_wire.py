@@ -658,3 +658,17 @@ def test_a_2500_octet_line_on_the_wire() -> None:
     assert (
         normalise(b"a" * 2500 + b"\n") == b"a" * 998 + b"\r\n " + b"a" * 997 + b"\r\n " + b"a" * 505 + b"\r\n"
     )
+
+
+CRLF_PIECES = st.sampled_from([b"a" * 996, b"b" * 998, b"c" * 999, b"\r\n", b"\r", b"\n", b"d"])
+
+
+@given(data=st.lists(CRLF_PIECES, max_size=10).map(b"".join), pos=st.integers(min_value=0, max_value=3000))
+@example(data=b"x" * 998 + b"\r\n" + b"y" * 998, pos=0)
+@example(data=b"x" * 999 + b"\r\n", pos=0)
+def test_the_long_line_check_agrees_with_splitting_every_line(data: bytes, pos: int) -> None:
+    """The folder's quick check (one search per 998 octets) says what splitting at every CRLF says."""
+    from greenmail import wire
+
+    pos = min(pos, len(data))
+    assert wire._short_lines(data, pos) == (max(map(len, data[pos:].split(b"\r\n"))) <= 998)
