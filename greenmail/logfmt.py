@@ -78,13 +78,14 @@ class LineFormatter(logging.Formatter):
 
     def headed(self, logger: str, levelno: int, created: float, body: str) -> str:
         """``body`` behind this formatter's head."""
-        if self.head == "journal":
+        head = self.head
+        if head == "stamp":
+            return f"{self.stamp(created)} {self.host} {self._tags.get(logger) or self.tag(logger)} {body}"
+        if head == "journal":
             prefix = f"<{level_word(levelno)[1]}>"
             return prefix + body.replace("\n", "\n" + prefix)
-        if self.head == "tag":
+        if head == "tag":
             return f"{self.tag(logger)} {body}"
-        if self.head == "stamp":
-            return f"{self.stamp(created)} {self.host} {self._tags.get(logger) or self.tag(logger)} {body}"
         return body
 
     def text(self, record: logging.LogRecord) -> str:
@@ -171,16 +172,10 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        self._add(line, record.levelno >= logging.WARNING)
+        self.add(line, record.levelno >= logging.WARNING)
 
-    def info(self, logger: str, message: str) -> None:
-        """An INFO line of ``logger`` in text, as ``emit`` writes its record (see ``direct``)."""
-        formatter = self.formatter
-        assert isinstance(formatter, LineFormatter)
-        with self.lock:  # type: ignore[union-attr]
-            self._add(formatter.headed(logger, logging.INFO, time.time(), message), False)
-
-    def _add(self, line: str, now: bool) -> None:
+    def add(self, line: str, now: bool) -> None:
+        """A formatted line, written now or with the batch."""
         self._pending.append(line)
         if now or len(self._pending) >= self.MAX_PENDING or time.monotonic() - self._last >= self.interval:
             self.flush()
@@ -309,27 +304,32 @@ def _pieces(lines: list[str], size: int) -> Iterator[str]:
 
 
 _ROOT = logging.getLogger()
-_direct: BatchingHandler | None = None  # setup()'s handler when it writes text (its info() is exact)
+_direct: BatchingHandler | None = None  # setup()'s handler when it writes text (see info())
 
 
-def direct(logger: logging.Logger) -> BatchingHandler | None:
-    """The handler whose ``info()`` writes an INFO line of ``logger`` exactly as logging would.
+def info(logger: logging.Logger, message: str) -> bool:
+    """Write an INFO line of ``logger`` straight to the daemon's text handler, as logging would.
 
-    That is when a record of ``logger`` would reach only the handler ``setup()``
-    installed on the root, unfiltered (the text format shows no fields). Else
-    None: the record must go through ``Logger.handle``. Checked on every call:
-    a handler added since (a test's capture, say) is never missed.
+    Done (True) when a record of ``logger`` would reach only the handler ``setup()``
+    installed on the root, unfiltered (the text format shows no fields). Else False:
+    the record must go through ``Logger.handle``. Checked on every call: a handler
+    added since (a test's capture, say) is never missed.
     """
     h = _direct
     if h is None or logger.filters or logger.disabled or h.filters or h.level > logging.INFO:
-        return None
-    root = _ROOT
+        return False
+    name, root = logger.name, _ROOT
     while logger is not root:
         if logger.handlers or not logger.propagate or logger.parent is None:
-            return None
+            return False
         logger = logger.parent
     handlers = root.handlers
-    return h if len(handlers) == 1 and handlers[0] is h else None
+    if len(handlers) != 1 or handlers[0] is not h:
+        return False
+    line = h.formatter.headed(name, logging.INFO, time.time(), message)  # type: ignore[union-attr]
+    with h.lock:  # type: ignore[union-attr]
+        h.add(line, False)
+    return True
 
 
 def on_journal(stream: TextIO) -> bool:

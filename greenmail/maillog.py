@@ -122,12 +122,8 @@ def emit(logger: logging.Logger, line: str, fields: dict[str, Any]) -> None:
     """``logger.info(line, extra={"fields": fields})`` at a fraction of the cost.
 
     When the line can only go to the daemon's text handler, it goes there with no record
-    (logfmt.direct); else the record goes through ``Logger.handle`` (levels, filters, every
+    (logfmt.info); else the record goes through ``Logger.handle`` (levels, filters, every
     handler, as usual), without being %-formatted.
     """
-    if logger.isEnabledFor(logging.INFO):
-        h = logfmt.direct(logger)
-        if h is not None:
-            h.info(logger.name, line)
-        else:
-            logger.handle(_Line(logger.name, line, fields))
+    if logger.isEnabledFor(logging.INFO) and not logfmt.info(logger, line):
+        logger.handle(_Line(logger.name, line, fields))

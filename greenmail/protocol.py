@@ -267,14 +267,19 @@ class Client:
         self, cmd: Cmd, line: bytes, txn: Transaction | None = None, rcpt: str | None = None
     ) -> bytes | None:
         """``send`` when ``cmd`` may go now; else None, and nothing changes."""
-        after = self._after_send(cmd)
-        if after is None:
+        after = SEND.get((self.phase, cmd))  # as _after_send, inline: this runs per command
+        expected = self.expected
+        if (
+            after is None
+            or self.closing is not None
+            or (expected and not (self.pipelining and expected[-1].cmd not in SYNC))
+        ):
             return None
         if self.parser.pending:  # a reply before its command would be taken for the next one's
             stage = STAGE_OF[cmd]
             raise ProtocolError("the relay sent a reply ahead of the command", stage.label if stage else "")
         self.phase = after
-        self.expected.append(Expect(cmd, txn, rcpt))
+        expected.append(Expect(cmd, txn, rcpt))
         if txn is not None:
             txn.outstanding += 1
         return line
@@ -467,7 +472,7 @@ class Transaction:
                 self.replies[rcpt] = reply
 
     def _settle_all(self, stage: Stage, reply: Reply, rcpts: tuple[str, ...] | list[str]) -> bool:
-        action = decide(stage, reply)
+        action = TRANSITIONS.get((stage, reply.code // 100), Action.PROTOCOL)  # decide(), inline
         if action is Action.PROCEED:
             return True
         if action is Action.PROTOCOL:

@@ -79,8 +79,7 @@ class ReplyParser:
         """Return the next complete reply, or None until more bytes arrive."""
         while True:
             nl = self._buf.find(b"\n")
-            if nl < 0:
-                self._check_partial()
+            if nl < 0:  # (the unfinished line was measured when fed)
                 self.pending = bool(self._buf or self._lines)
                 return None
             if nl > MAX_LINE:
@@ -96,15 +95,16 @@ class ReplyParser:
         m = _REPLY_LINE.match(raw)
         if m is None:
             raise ProtocolError(f"malformed reply line {raw[:80]!r}")
-        code = int(m.group(1))
+        digits, sep, text = m.groups()
+        code = int(digits)
         if self._lines and code != self._code:
             raise ProtocolError(f"reply code changed from {self._code} to {code}")
         self._code = code
         self._size += size
-        self._lines.append((m.group(3) or b"").decode("utf-8", "replace"))
+        self._lines.append(text.decode("utf-8", "replace") if text else "")
         if len(self._lines) > MAX_LINES or self._size > MAX_REPLY:
             raise ProtocolError("reply too long")
-        if m.group(2) == b"-":
+        if sep == b"-":
             return None
         reply = Reply(code, tuple(self._lines))
         self._lines, self._code, self._size = [], 0, 0

@@ -3,9 +3,11 @@ syslog targets, and the Postfix-style delivery line with delays=a/b/c/d."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import logging.handlers
 import os
 import re
 import socket
@@ -372,3 +374,103 @@ def test_queue_entry_and_pickup_lines() -> None:
         "Q1: from=<a@example.org>, size=1234, nrcpt=2 (queue active)"
     )
     assert maillog.pickup("Q1", 1000, "a")[0] == "Q1: uid=1000 from=<a>"
+
+
+# -- the daemon's mail-log lines skip the record only when nothing else could see them -------------
+
+
+@pytest.fixture
+def daemon_logging() -> Iterator[io.StringIO]:
+    """logfmt.setup as the daemon calls it (text, batched) on a StringIO; root handlers put back after."""
+    root = logging.getLogger()
+    saved, level, direct = list(root.handlers), root.level, logfmt._direct
+    out = io.StringIO()
+    logfmt.setup("text", stream=out, batched=True)
+    yield out
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in saved:
+        root.addHandler(h)
+    root.setLevel(level)
+    logfmt._direct = direct
+
+
+@contextlib.contextmanager
+def only_the_daemons_handler() -> Iterator[None]:
+    """pytest's own capture handlers off the root meanwhile (it adds them around each test)."""
+    root = logging.getLogger()
+    others = [h for h in root.handlers if h is not logfmt._direct]
+    for h in others:
+        root.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in others:
+            root.addHandler(h)
+
+
+def _unstamped(text: str) -> list[str]:
+    return [line.split(" ", 1)[1] for line in text.splitlines()]
+
+
+def test_a_mail_log_line_is_the_same_straight_or_through_logging(daemon_logging: io.StringIO) -> None:
+    """maillog.emit writes straight to the handler; with another handler on the root the record
+    goes through logging: the text is the same but for the time, and the other handler gets it."""
+    log = logging.getLogger("greenmail.queue")
+    line, fields = maillog.queue_entry("661BD7FE3E0330316A44B24D", "a@example.org", 10, 1, 0)
+    other = logging.handlers.BufferingHandler(10)
+    with only_the_daemons_handler():
+        assert logfmt.info(log, "probe")  # nothing else listens: written straight
+        maillog.emit(log, line, fields)
+        logging.getLogger().addHandler(other)
+        try:
+            assert not logfmt.info(log, "probe")
+            maillog.emit(log, line, fields)
+        finally:
+            logging.getLogger().removeHandler(other)
+    logfmt.flush()
+    first, second = _unstamped(daemon_logging.getvalue())[1:]
+    assert first == second and first.endswith(f"greenmail/qmgr[{os.getpid()}]: {line}")
+    assert [r.getMessage() for r in other.buffer] == [line] and other.buffer[0].fields == fields  # type: ignore[attr-defined]
+
+
+def test_a_handler_or_filter_below_the_root_turns_the_shortcut_off(daemon_logging: io.StringIO) -> None:
+    parent, log = logging.getLogger("greenmail"), logging.getLogger("greenmail.session")
+    seen = logging.handlers.BufferingHandler(10)
+    quiet = logging.Filter("nothing")  # a filter on the logger itself is asked first
+    with only_the_daemons_handler():
+        parent.addHandler(seen)
+        try:
+            assert not logfmt.info(log, "x")
+        finally:
+            parent.removeHandler(seen)
+        log.addFilter(quiet)
+        try:
+            assert not logfmt.info(log, "x")
+            maillog.emit(log, "filtered out", {})
+        finally:
+            log.removeFilter(quiet)
+        assert logfmt.info(log, "x")
+    logfmt.flush()
+    assert "filtered out" not in daemon_logging.getvalue()
+
+
+def test_json_lines_never_take_the_shortcut() -> None:
+    root = logging.getLogger()
+    saved, level, direct = list(root.handlers), root.level, logfmt._direct
+    out = io.StringIO()
+    try:
+        logfmt.setup("json", stream=out, batched=True)
+        log = logging.getLogger("greenmail.queue")
+        with only_the_daemons_handler():
+            assert not logfmt.info(log, "x")
+        maillog.emit(log, *maillog.queue_entry("661BD7FE3E0330316A44B24D", "a@example.org", 10, 1, 0))
+        logfmt.flush()
+        assert json.loads(out.getvalue())["event"] == "queued"
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved:
+            root.addHandler(h)
+        root.setLevel(level)
+        logfmt._direct = direct
