@@ -71,6 +71,7 @@ class LineFormatter(logging.Formatter):
         self._tags: dict[str, str] = {}
         self._second = -1
         self._stamp = ("", "")
+        self._ms, self._ms_stamp = -1, ""
 
     def format(self, record: logging.LogRecord) -> str:
         body = self.json(record) if self.json_body else self.text(record)
@@ -120,16 +121,21 @@ class LineFormatter(logging.Formatter):
     def stamp(self, created: float) -> str:
         """RFC 3339 local time with milliseconds and offset: 2026-11-28T14:15:39.347+01:00.
 
-        The part without milliseconds is made once a second (a line per recipient).
+        The part without milliseconds is made once a second, the whole once a millisecond
+        (several lines per message).
         """
-        second, micro = divmod(round(created * 1_000_000), 1_000_000)  # as datetime rounds
+        ms = round(created * 1_000_000) // 1000  # as datetime rounds
+        if ms == self._ms:
+            return self._ms_stamp
+        second, milli = divmod(ms, 1000)
         if second != self._second:
             local = time.localtime(second)
             off = local.tm_gmtoff // 60
             zone = f"{'+' if off >= 0 else '-'}{abs(off) // 60:02d}:{abs(off) % 60:02d}"
             self._stamp = (time.strftime("%Y-%m-%dT%H:%M:%S", local), zone)
             self._second = second
-        return f"{self._stamp[0]}.{micro // 1000:03d}{self._stamp[1]}"
+        self._ms, self._ms_stamp = ms, f"{self._stamp[0]}.{milli:03d}{self._stamp[1]}"
+        return self._ms_stamp
 
 
 def _iso(created: float) -> str:
