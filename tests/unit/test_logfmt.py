@@ -474,3 +474,9 @@ def test_json_lines_never_take_the_shortcut() -> None:
             root.addHandler(h)
         root.setLevel(level)
         logfmt._direct = direct
+
+
+@given(st.floats(min_value=0, max_value=1e9, allow_nan=False))
+def test_the_delivery_fields_read_back_from_the_text_are_round_x_2(x: float) -> None:
+    """delivery()'s JSON delays are its text read back: the same numbers as round(x, 2)."""
+    assert float(maillog._short(x)) == round(x, 2) == float(f"{x:.2f}")
