@@ -310,29 +310,36 @@ def _pieces(lines: list[str], size: int) -> Iterator[str]:
 
 
 _ROOT = logging.getLogger()
+INFO = logging.INFO
 _direct: BatchingHandler | None = None  # setup()'s handler when it writes text (see info())
 
 
 def info(logger: logging.Logger, message: str) -> bool:
     """Write an INFO line of ``logger`` straight to the daemon's text handler, as logging would.
 
-    Done (True) when a record of ``logger`` would reach only the handler ``setup()``
-    installed on the root, unfiltered (the text format shows no fields). Else False:
-    the record must go through ``Logger.handle``. Checked on every call: a handler
-    added since (a test's capture, say) is never missed.
+    Done (True) when INFO is enabled for ``logger`` and a record of it would reach only
+    the handler ``setup()`` installed on the root, unfiltered (the text format shows no
+    fields). Else False: the record must go through ``Logger.handle`` if enabled. Checked
+    on every call: a handler added since (a test's capture, say) is never missed.
     """
     h = _direct
-    if h is None or logger.filters or logger.disabled or h.filters or h.level > logging.INFO:
+    root = _ROOT
+    if h is None or logger.filters or logger.disabled or h.filters or h.level > INFO:
         return False
-    name, root = logger.name, _ROOT
+    if root.manager.disable >= INFO:  # logging.disable()
+        return False
+    name, level = logger.name, logger.level  # the effective level: the first set, up to the root
     while logger is not root:
         if logger.handlers or not logger.propagate or logger.parent is None:
             return False
         logger = logger.parent
+        level = level or logger.level
+    if level > INFO:
+        return False
     handlers = root.handlers
     if len(handlers) != 1 or handlers[0] is not h:
         return False
-    line = h.formatter.headed(name, logging.INFO, time.time(), message)  # type: ignore[union-attr]
+    line = h.formatter.headed(name, INFO, time.time(), message)  # type: ignore[union-attr]
     with h.lock:  # type: ignore[union-attr]
         h.add(line, False)
     return True

@@ -125,5 +125,5 @@ def emit(logger: logging.Logger, line: str, fields: dict[str, Any]) -> None:
     (logfmt.info); else the record goes through ``Logger.handle`` (levels, filters, every
     handler, as usual), without being %-formatted.
     """
-    if logger.isEnabledFor(logging.INFO) and not logfmt.info(logger, line):
+    if not logfmt.info(logger, line) and logger.isEnabledFor(logging.INFO):
         logger.handle(_Line(logger.name, line, fields))

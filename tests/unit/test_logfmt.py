@@ -451,8 +451,25 @@ def test_a_handler_or_filter_below_the_root_turns_the_shortcut_off(daemon_loggin
         finally:
             log.removeFilter(quiet)
         assert logfmt.info(log, "x")
+        logging.getLogger().setLevel(logging.WARNING)  # INFO off: nothing written either way
+        assert not logfmt.info(log, "x")
+        maillog.emit(log, "below the level", {})
+        logging.getLogger().setLevel(logging.INFO)
+        log.setLevel(logging.WARNING)  # on the logger itself
+        maillog.emit(log, "below its own level", {})
+        log.setLevel(logging.NOTSET)
+        logging.disable(logging.INFO)
+        try:
+            assert not logfmt.info(log, "x")
+            maillog.emit(log, "disabled", {})
+        finally:
+            logging.disable(logging.NOTSET)
+        assert logfmt.info(log, "x")
     logfmt.flush()
-    assert "filtered out" not in daemon_logging.getvalue()
+    written = daemon_logging.getvalue()
+    assert "x" in written
+    for text in ("filtered out", "below the level", "below its own level", "disabled"):
+        assert text not in written
 
 
 def test_json_lines_never_take_the_shortcut() -> None:
