@@ -379,20 +379,28 @@ def test_queue_entry_and_pickup_lines() -> None:
 # -- the daemon's mail-log lines skip the record only when nothing else could see them -------------
 
 
-@pytest.fixture
-def daemon_logging() -> Iterator[io.StringIO]:
-    """logfmt.setup as the daemon calls it (text, batched) on a StringIO; root handlers put back after."""
+@contextlib.contextmanager
+def set_up_as_the_daemon(fmt: str) -> Iterator[io.StringIO]:
+    """logfmt.setup as the daemon calls it (batched) on a StringIO; root handlers put back after."""
     root = logging.getLogger()
     saved, level, direct = list(root.handlers), root.level, logfmt._direct
     out = io.StringIO()
-    logfmt.setup("text", stream=out, batched=True)
-    yield out
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in saved:
-        root.addHandler(h)
-    root.setLevel(level)
-    logfmt._direct = direct
+    logfmt.setup(fmt, stream=out, batched=True)
+    try:
+        yield out
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved:
+            root.addHandler(h)
+        root.setLevel(level)
+        logfmt._direct = direct
+
+
+@pytest.fixture
+def daemon_logging() -> Iterator[io.StringIO]:
+    with set_up_as_the_daemon("text") as out:
+        yield out
 
 
 @contextlib.contextmanager
@@ -473,24 +481,13 @@ def test_a_handler_or_filter_below_the_root_turns_the_shortcut_off(daemon_loggin
 
 
 def test_json_lines_never_take_the_shortcut() -> None:
-    root = logging.getLogger()
-    saved, level, direct = list(root.handlers), root.level, logfmt._direct
-    out = io.StringIO()
-    try:
-        logfmt.setup("json", stream=out, batched=True)
+    with set_up_as_the_daemon("json") as out:
         log = logging.getLogger("greenmail.queue")
         with only_the_daemons_handler():
             assert not logfmt.info(log, "x")
         maillog.emit(log, *maillog.queue_entry("661BD7FE3E0330316A44B24D", "a@example.org", 10, 1, 0))
         logfmt.flush()
         assert json.loads(out.getvalue())["event"] == "queued"
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in saved:
-            root.addHandler(h)
-        root.setLevel(level)
-        logfmt._direct = direct
 
 
 @given(st.floats(min_value=0, max_value=1e9, allow_nan=False))
