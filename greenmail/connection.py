@@ -250,12 +250,14 @@ class Connection:
 
     def push(self, cmd: Cmd, line: bytes, txn: Transaction | None = None, rcpt: str | None = None) -> bytes:
         """The protocol's record that ``line`` goes out (counted as its stage reached); its bytes."""
-        data = self.client.send(cmd, line, txn, rcpt)
-        if cmd in COUNTED:
-            self.metrics.stage(STAGE_LABEL[cmd])
+        data = self.offer(cmd, line, txn, rcpt)
+        if data is None:
+            raise self.client.refused(cmd)
         return data
 
-    def offer(self, cmd: Cmd, line: bytes, txn: Transaction, rcpt: str | None = None) -> bytes | None:
+    def offer(
+        self, cmd: Cmd, line: bytes, txn: Transaction | None = None, rcpt: str | None = None
+    ) -> bytes | None:
         """``push`` when the protocol lets ``cmd`` go now; else None."""
         data = self.client.offer(cmd, line, txn, rcpt)
         if data is not None and cmd in COUNTED:

@@ -310,7 +310,7 @@ def _pieces(lines: list[str], size: int) -> Iterator[str]:
 
 
 _ROOT = logging.getLogger()
-INFO = logging.INFO
+_INFO = logging.INFO
 _direct: BatchingHandler | None = None  # setup()'s handler when it writes text (see info())
 
 
@@ -324,9 +324,9 @@ def info(logger: logging.Logger, message: str) -> bool:
     """
     h = _direct
     root = _ROOT
-    if h is None or logger.filters or logger.disabled or h.filters or h.level > INFO:
+    if h is None or logger.filters or logger.disabled or h.filters or h.level > _INFO:
         return False
-    if root.manager.disable >= INFO:  # logging.disable()
+    if root.manager.disable >= _INFO:  # logging.disable()
         return False
     name, level = logger.name, logger.level  # the effective level: the first set, up to the root
     while logger is not root:
@@ -334,12 +334,12 @@ def info(logger: logging.Logger, message: str) -> bool:
             return False
         logger = logger.parent
         level = level or logger.level
-    if level > INFO:
+    if level > _INFO:
         return False
     handlers = root.handlers
     if len(handlers) != 1 or handlers[0] is not h:
         return False
-    line = h.formatter.headed(name, INFO, time.time(), message)  # type: ignore[union-attr]
+    line = h.formatter.headed(name, _INFO, time.time(), message)  # type: ignore[union-attr]
     with h.lock:  # type: ignore[union-attr]
         h.add(line, False)
     return True

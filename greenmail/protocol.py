@@ -258,28 +258,27 @@ class Client:
         """Record that ``line`` (the encoded ``cmd``) goes out; returns it. Illegal: LocalProtocolError."""
         data = self.offer(cmd, line, txn, rcpt)
         if data is None:
-            why = f"{cmd.value} may not be sent in phase {self.phase.value} now"
-            self.phase = Phase.CLOSED
-            raise LocalProtocolError(why)
+            raise self.refused(cmd)
         return data
+
+    def refused(self, cmd: Cmd) -> LocalProtocolError:
+        """``cmd`` may not go now, though it had to: the connection is poisoned; the error to raise."""
+        why = f"{cmd.value} may not be sent in phase {self.phase.value} now"
+        self.phase = Phase.CLOSED
+        return LocalProtocolError(why)
 
     def offer(
         self, cmd: Cmd, line: bytes, txn: Transaction | None = None, rcpt: str | None = None
     ) -> bytes | None:
         """``send`` when ``cmd`` may go now; else None, and nothing changes."""
-        after = SEND.get((self.phase, cmd))  # as _after_send, inline: this runs per command
-        expected = self.expected
-        if (
-            after is None
-            or self.closing is not None
-            or (expected and not (self.pipelining and expected[-1].cmd not in SYNC))
-        ):
+        after = self._after_send(cmd)
+        if after is None:
             return None
         if self.parser.pending:  # a reply before its command would be taken for the next one's
             stage = STAGE_OF[cmd]
             raise ProtocolError("the relay sent a reply ahead of the command", stage.label if stage else "")
         self.phase = after
-        expected.append(Expect(cmd, txn, rcpt))
+        self.expected.append(Expect(cmd, txn, rcpt))
         if txn is not None:
             txn.outstanding += 1
         return line

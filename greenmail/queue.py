@@ -86,8 +86,7 @@ class Claim:
 
     def pending(self) -> tuple[str, ...]:
         """The recipients still to be tried."""
-        state = self.state
-        return state.pending(self.recipients) if state.recipients else self.recipients
+        return self.state.pending(self.recipients)
 
     def open_body(self) -> BinaryIO:
         """The message, read from its start (blocking I/O, unless ``in_memory``)."""
